@@ -1,0 +1,45 @@
+# Every target creates or refreshes the local virtual environment .venv itself, so `make test` and
+# `make train` work as the first command on a fresh clone (Python 3.10+ and a package index needed).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch==2.13.0: on the development/CI machines pip takes a CPU wheel from local disk (fast); elsewhere
+# it is the regular PyPI build. Override for another build, e.g. `make test TORCH=torch`.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: venv test test-fast train bench bench-quick lint gpu-check clean
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[dev,bench]"
+	@touch $@
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+train: $(STAMP)
+	$(PY) -m fastpair.demo
+
+# CPU benchmark: providers x shapes, then the report (bench/results/*.json, .md, .png and README's table).
+bench: $(STAMP)
+	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-json=bench/results/raw/cpu-benchmark.json
+	$(PY) -m bench.report bench/results/raw/cpu-benchmark.json --update-readme
+
+bench-quick: $(STAMP)
+	$(PY) -m pytest bench -q -p no:cacheprovider -k "1024" --benchmark-json=bench/results/raw/cpu-quick.json
+	$(PY) -m bench.report bench/results/raw/cpu-quick.json
+
+lint: $(STAMP)
+	$(PY) -m ruff check fastpair kernels training bench tests
+
+# On a CUDA machine: GPU tests plus the benchmark (the fused-kernel GPU benchmark comes with the kernels).
+gpu-check: $(STAMP)
+	$(PY) -m pytest tests -q -m gpu
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .benchmarks build *.egg-info

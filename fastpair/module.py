@@ -1,0 +1,75 @@
+"""PairwiseNCE: pairwise_nce with a learnable (shared or per-pair) temperature, as an nn.Module."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .loss import BACKENDS, modality_pairs, pairwise_nce
+
+
+class PairwiseNCE(nn.Module):
+    """Holds log(t) and calls :func:`fastpair.pairwise_nce`.
+
+    The temperature is t = exp(log_temperature), clamped so that 1/t <= max_logit_scale (CLIP's clamp of
+    its logit scale at 100). Under DistributedDataParallel keep this module inside the wrapped model, so
+    that every rank holds the same temperature.
+    """
+
+    def __init__(
+        self,
+        num_modalities: int,
+        temperature: float = 0.07,
+        learn_temperature: bool = True,
+        per_pair_temperature: bool = False,
+        weights=None,
+        max_logit_scale: float = 100.0,
+        normalize: bool = True,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if isinstance(num_modalities, bool) or not isinstance(num_modalities, int) or num_modalities < 2:
+            raise ValueError(f"num_modalities must be an int >= 2, got {num_modalities!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if not (isinstance(max_logit_scale, (int, float)) and max_logit_scale > 0):
+            raise ValueError(f"max_logit_scale must be a number > 0, got {max_logit_scale!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.num_modalities = num_modalities
+        self.num_pairs = len(modality_pairs(num_modalities))
+        self.max_logit_scale = float(max_logit_scale)
+        self.normalize = normalize
+        self.backend = backend
+        self.weights = None if weights is None else [float(w) for w in weights]
+        if self.weights is not None and len(self.weights) != self.num_pairs:
+            raise ValueError(f"weights must have one entry per pair ({self.num_pairs}), got {len(self.weights)}")
+        shape = (self.num_pairs,) if per_pair_temperature else ()
+        init = torch.full(shape, math.log(temperature))
+        if learn_temperature:
+            self.log_temperature = nn.Parameter(init)
+        else:
+            self.register_buffer("log_temperature", init)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        min_log_t = -math.log(self.max_logit_scale)
+        return self.log_temperature.clamp(min=min_log_t).exp()
+
+    def forward(self, *embeddings, mask=None, group=None, return_stats=False):
+        return pairwise_nce(
+            *embeddings,
+            temperature=self.temperature,
+            weights=self.weights,
+            mask=mask,
+            normalize=self.normalize,
+            backend=self.backend,
+            group=group,
+            return_stats=return_stats,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"num_modalities={self.num_modalities}, temperature_shape={tuple(self.log_temperature.shape)}, "
+                f"max_logit_scale={self.max_logit_scale}, backend={self.backend!r}")

@@ -1,0 +1,68 @@
+"""Shared helpers: seeded inputs, one tolerance table and a comparison that says where and by how much."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Per compute dtype: (rtol, atol relative to the largest reference magnitude). 16-bit inputs are compared
+# against PyTorch's own same-dtype error instead (see assert_within_torch_error).
+TOLERANCE = {
+    torch.float64: (1e-9, 1e-10),
+    torch.float32: (2e-5, 2e-6),
+}
+
+
+def randn(*shape, seed=0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def make_embeddings(m, n, d, seed=0, dtype=torch.float32, device="cpu", requires_grad=True):
+    return [randn(n, d, seed=seed * 100 + k, dtype=dtype, device=device).requires_grad_(requires_grad)
+            for k in range(m)]
+
+
+def assert_close(actual, expected, dtype=torch.float32, scale=1.0, name="value"):
+    """|actual - expected| <= atol * scale * max|expected| + rtol * |expected|, elementwise, verbose on failure.
+
+    scale widens the tolerance where the problem is ill-conditioned (e.g. 1/t = 1000 amplifies input
+    rounding of the logits by 1000).
+    """
+    rtol, atol = TOLERANCE[dtype]
+    actual = actual.detach().to("cpu", torch.float64)
+    expected = expected.detach().to("cpu", torch.float64)
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values at {torch.nonzero(~torch.isfinite(actual))[:5]}"
+    ref = expected.abs().max().clamp_min(1.0) if expected.numel() else torch.tensor(1.0)
+    bound = atol * scale * ref + rtol * scale * expected.abs()
+    err = (actual - expected).abs()
+    bad = err > bound
+    if bad.any():
+        idx = torch.nonzero(bad)[:5].tolist()
+        worst = int(torch.argmax(err - bound))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {err.numel()} elements off; first at {idx}; worst flat index {worst}: "
+            f"actual {actual.flatten()[worst].item():.10g}, expected {expected.flatten()[worst].item():.10g}, "
+            f"|diff| {err.flatten()[worst].item():.3g} > bound {bound.flatten()[worst].item():.3g}"
+        )
+
+
+def condition_scale(temperature) -> float:
+    """How much 1/t amplifies rounding of the logits (1 for t >= 0.01)."""
+    t = min(temperature) if isinstance(temperature, (list, tuple)) else float(temperature)
+    return max(1.0, 0.01 / t)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,116 @@
+"""Every bad input named in DESIGN.md gets a ValueError/TypeError that says what was expected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_embeddings
+
+from fastpair import PairwiseNCE, pairwise_nce
+
+Z = make_embeddings(3, 8, 4, requires_grad=False)
+
+
+def _bad_cases():
+    z = Z
+    return [
+        # (args, kwargs, error type, words the message must contain)
+        ((z[0],), {}, ValueError, "at least 2"),
+        ((), {}, ValueError, "at least 2"),
+        ((z[0], z[1].numpy()), {}, TypeError, "torch.Tensor"),
+        ((z[0], z[1][:, :, None]), {}, ValueError, "2-d"),
+        ((z[0][0], z[1][0]), {}, ValueError, "2-d"),
+        ((z[0], z[1][:5]), {}, ValueError, "same shape"),
+        ((z[0], z[1][:, :3]), {}, ValueError, "same shape"),
+        ((z[0], z[1].double()), {}, TypeError, "one dtype"),
+        ((z[0].long(), z[1].long()), {}, TypeError, "float32"),
+        ((z[0].bool(), z[1].bool()), {}, TypeError, "float32"),
+        ((z[0][:0], z[1][:0]), {}, ValueError, "empty"),
+        ((z[0][:, :0], z[1][:, :0]), {}, ValueError, "D = 0"),
+        ((z[0], z[1]), {"temperature": 0.0}, ValueError, "> 0"),
+        ((z[0], z[1]), {"temperature": -1.0}, ValueError, "> 0"),
+        ((z[0], z[1]), {"temperature": float("nan")}, ValueError, "finite"),
+        ((z[0], z[1]), {"temperature": float("inf")}, ValueError, "finite"),
+        ((z[0], z[1]), {"temperature": "0.1"}, TypeError, "number"),
+        ((z[0], z[1]), {"temperature": True}, TypeError, "bool"),
+        ((*z,), {"temperature": torch.tensor([0.1, 0.2])}, ValueError, "one entry per pair (3)"),
+        ((*z,), {"temperature": torch.ones(3, 1)}, ValueError, "one entry per pair"),
+        ((*z,), {"temperature": torch.tensor([0.1, -0.2, 0.3])}, ValueError, "> 0"),
+        ((*z,), {"temperature": torch.tensor(1, dtype=torch.int64)}, TypeError, "floating point"),
+        ((*z,), {"weights": [1.0, 2.0]}, ValueError, "one entry per pair (3 pairs)"),
+        ((*z,), {"weights": [1.0, -1.0, 1.0]}, ValueError, "non-negative"),
+        ((*z,), {"weights": [0.0, 0.0, 0.0]}, ValueError, "not all be zero"),
+        ((*z,), {"weights": 1.0}, TypeError, "one number per pair"),
+        ((*z,), {"weights": ["a", 1, 1]}, TypeError, "numbers"),
+        ((*z,), {"mask": torch.ones(3, 8)}, TypeError, "torch.bool"),
+        ((*z,), {"mask": torch.ones(2, 8, dtype=torch.bool)}, ValueError, "(M, N) = (3, 8)"),
+        ((*z,), {"mask": torch.ones(3, 7, dtype=torch.bool)}, ValueError, "(M, N) = (3, 8)"),
+        ((*z,), {"mask": [[True] * 8] * 3}, TypeError, "bool tensor"),
+        ((*z,), {"backend": "cuda"}, ValueError, "backend must be one of"),
+        ((*z,), {"normalize": 1}, TypeError, "normalize"),
+        ((*z,), {"return_stats": "yes"}, TypeError, "return_stats"),
+        ((*z,), {"block_size": 0}, ValueError, "block_size"),
+        ((*z,), {"group": object()}, ValueError, "not initialized"),
+    ]
+
+
+@pytest.mark.parametrize("args,kwargs,error,words", _bad_cases())
+def test_bad_input(args, kwargs, error, words):
+    with pytest.raises(error) as info:
+        pairwise_nce(*args, **kwargs)
+    assert words in str(info.value), str(info.value)
+
+
+def test_triton_backend_says_it_is_not_available():
+    with pytest.raises(NotImplementedError, match="backend='torch'"):
+        pairwise_nce(*Z, backend="triton")
+
+
+def test_auto_backend_runs_on_cpu():
+    assert torch.isfinite(pairwise_nce(*Z, backend="auto"))
+
+
+def test_accepted_forms_of_temperature_and_weights():
+    base = pairwise_nce(*Z, temperature=0.1)
+    assert torch.equal(pairwise_nce(*Z, temperature=torch.tensor(0.1)), base)
+    assert torch.allclose(pairwise_nce(*Z, temperature=torch.full((3,), 0.1)), base)
+    assert torch.allclose(pairwise_nce(*Z, temperature=0.1, weights=(2, 2, 2)), base)
+    assert torch.allclose(pairwise_nce(*Z, temperature=0.1, weights=torch.tensor([1.0, 1.0, 1.0])), base)
+
+
+def test_module_learns_temperature():
+    module = PairwiseNCE(3, temperature=0.07)
+    zs = make_embeddings(3, 16, 4)
+    loss = module(*zs)
+    loss.backward()
+    assert module.log_temperature.grad is not None and module.log_temperature.grad.shape == ()
+    assert torch.allclose(module.temperature, torch.tensor(0.07))
+    assert torch.allclose(loss, pairwise_nce(*zs, temperature=0.07), atol=1e-6)
+
+
+def test_module_per_pair_and_clamp():
+    module = PairwiseNCE(3, temperature=0.001, per_pair_temperature=True, max_logit_scale=100.0)
+    assert module.log_temperature.shape == (3,)
+    assert torch.allclose(module.temperature, torch.full((3,), 0.01))  # 1/t clamped to 100
+    zs = make_embeddings(3, 16, 4)
+    loss, stats = module(*zs, mask=torch.ones(3, 16, dtype=torch.bool), return_stats=True)
+    loss.backward()
+    assert torch.all(module.log_temperature.grad == 0)  # clamped: no gradient, as CLIP's clamp
+    assert stats["pair_losses"].shape == (3,)
+
+
+def test_module_fixed_temperature_is_a_buffer():
+    module = PairwiseNCE(2, temperature=0.1, learn_temperature=False)
+    assert len(list(module.parameters())) == 0
+    assert "log_temperature" in dict(module.named_buffers())
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [({"num_modalities": 1}, ValueError), ({"num_modalities": 3, "temperature": 0}, ValueError),
+     ({"num_modalities": 3, "weights": [1, 2]}, ValueError), ({"num_modalities": 3, "backend": "x"}, ValueError),
+     ({"num_modalities": 3, "max_logit_scale": -1}, ValueError)],
+)
+def test_module_bad_arguments(kwargs, error):
+    with pytest.raises(error):
+        PairwiseNCE(**kwargs)

@@ -1,0 +1,288 @@
+"""pairwise_nce against the float64 materialized reference: values, gradients, statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close, condition_scale, make_embeddings, randn
+
+from fastpair import modality_pairs, pairwise_nce
+from fastpair.reference import clip_loss_reference, pairwise_nce_reference
+
+
+def _temperature_arg(temperature, learnable, dtype=torch.float64):
+    if not learnable:
+        return temperature
+    return torch.tensor(temperature, dtype=dtype, requires_grad=True)
+
+
+def check_against_reference(zs, temperature=0.07, learnable=False, block_size=None, **kw):
+    """Run fastpair and the float64 reference on the same inputs; compare loss, grads, dt and stats."""
+    dtype = zs[0].dtype
+    cdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    t_ours = _temperature_arg(temperature, learnable)
+    loss, stats = pairwise_nce(*zs, temperature=t_ours, backend="torch", return_stats=True,
+                               block_size=block_size, **kw)
+    loss.backward()
+
+    refs = [z.detach().double().requires_grad_() for z in zs]
+    t_ref = _temperature_arg(temperature, learnable)
+    ref_loss, ref_stats = pairwise_nce_reference(*refs, temperature=t_ref, return_stats=True, **kw)
+    ref_loss.backward()
+
+    scale = condition_scale(temperature if not isinstance(temperature, list) else min(temperature))
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(loss, ref_loss, cdtype, scale, "loss")
+    for m, (z, r) in enumerate(zip(zs, refs)):
+        assert z.grad.dtype == z.dtype
+        assert_close(z.grad, r.grad, cdtype, scale, f"grad of embedding {m}")
+    if learnable:
+        assert t_ours.grad.shape == t_ours.shape
+        assert_close(t_ours.grad, t_ref.grad, cdtype, scale, "grad of temperature")
+    assert_close(stats["pair_losses"], ref_stats["pair_losses"], torch.float32, scale, "pair_losses")
+    assert stats["pair_accuracy"].dtype == torch.float32
+    assert stats["pair_losses"].dtype == torch.float32
+    assert not stats["pair_losses"].requires_grad
+    torch.testing.assert_close(stats["pair_accuracy"], ref_stats["pair_accuracy"], rtol=0, atol=1e-6)
+    return loss, stats
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+@pytest.mark.parametrize("n", [1, 2, 5, 129])
+@pytest.mark.parametrize("d", [1, 3, 100])
+def test_shapes(m, n, d):
+    check_against_reference(make_embeddings(m, n, d, seed=n + d))
+
+
+@pytest.mark.parametrize("temperature", [0.001, 0.01, 0.07, 1.0, 100.0])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_temperatures(temperature, normalize):
+    zs = make_embeddings(3, 37, 8, seed=1)
+    if not normalize:  # keep unnormalized logits in a sane range: |S| ~ |z|^2 / t
+        zs = [(z.detach() * 0.3).requires_grad_() for z in zs]
+    check_against_reference(zs, temperature=temperature, normalize=normalize, block_size=16)
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 16, 64, 1000])
+def test_block_sizes_agree(block_size):
+    check_against_reference(make_embeddings(3, 50, 7, seed=2), block_size=block_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("temperature", [0.05, [0.05, 0.1, 0.2], 0.002])
+def test_learnable_temperature(dtype, temperature):
+    zs = make_embeddings(3, 40, 6, seed=3, dtype=dtype)
+    check_against_reference(zs, temperature=temperature, learnable=True, block_size=16)
+
+
+def test_per_pair_temperature_is_not_summed():
+    zs = make_embeddings(3, 30, 5, seed=4)
+    t = torch.tensor([0.05, 0.1, 0.2], requires_grad=True)
+    pairwise_nce(*zs, temperature=t).backward()
+    assert t.grad.shape == (3,)
+    assert len(set(t.grad.tolist())) == 3
+
+
+@pytest.mark.parametrize("m", [3, 4])
+def test_weights(m):
+    num_pairs = m * (m - 1) // 2
+    weights = [float(k % 3) for k in range(num_pairs)]  # includes zero weights
+    weights[0] = 0.5
+    check_against_reference(make_embeddings(m, 33, 4, seed=5), weights=weights, block_size=8)
+
+
+@pytest.mark.parametrize("temperature", [0.07, 0.001])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_mask(temperature, normalize):
+    zs = make_embeddings(3, 61, 6, seed=6)
+    mask = torch.rand(3, 61, generator=torch.Generator().manual_seed(0)) > 0.3
+    mask[:, 7] = torch.tensor([True, False, False])  # sample 7 misses two modalities
+    check_against_reference(zs, temperature=temperature, mask=mask, normalize=normalize, block_size=16)
+    assert torch.all(zs[0].grad[7] == 0) and torch.all(zs[1].grad[7] == 0) and torch.all(zs[2].grad[7] == 0)
+    missing = ~mask
+    for k in range(3):
+        assert torch.all(zs[k].grad[missing[k]] == 0)
+
+
+def test_mask_pair_without_valid_sample():
+    zs = make_embeddings(3, 20, 5, seed=7)
+    mask = torch.ones(3, 20, dtype=torch.bool)
+    mask[1, :10] = False
+    mask[2, 10:] = False  # pair (audio, vision) has no valid sample
+    loss, stats = check_against_reference(zs, mask=mask, block_size=8)
+    assert stats["pair_losses"][2] == 0 and torch.all(stats["pair_accuracy"][2] == 0)
+    # the loss is the mean over the two pairs that have samples
+    assert torch.allclose(loss, stats["pair_losses"][:2].mean(), atol=1e-6)
+
+
+def test_mask_everything_missing_gives_zero_loss_and_zero_grads():
+    zs = make_embeddings(2, 6, 3, seed=8)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    t = torch.tensor(0.1, requires_grad=True)
+    loss, stats = pairwise_nce(*zs, temperature=t, mask=mask, return_stats=True)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.all(z.grad == 0) for z in zs)
+    assert t.grad.item() == 0.0
+    assert torch.all(stats["pair_accuracy"] == 0)
+
+
+def test_zero_vectors():
+    zs = make_embeddings(3, 9, 4, seed=9)
+    with torch.no_grad():
+        zs[0][3] = 0.0
+        zs[2][5] = 0.0
+    check_against_reference(zs)
+
+
+def test_non_contiguous_inputs():
+    base = [randn(40, 12, seed=k) for k in range(3)]
+    zs = [b[::2, ::3].clone().requires_grad_() for b in base]  # leaves, below made non-contiguous
+    views = [randn(12, 20, seed=10 + k).T.requires_grad_() for k in range(3)]  # transposed leaves
+    assert not views[0].is_contiguous()
+    check_against_reference(views)
+    check_against_reference(zs)
+
+
+def test_stats_on_easy_batch_are_perfect():
+    x = torch.eye(8)
+    loss, stats = pairwise_nce(x, x.clone(), x.clone(), temperature=0.1, return_stats=True)
+    assert torch.all(stats["pair_accuracy"] == 1.0)
+    assert stats["pair_losses"].shape == (3,)
+
+
+def test_deterministic():
+    zs = make_embeddings(3, 300, 16, seed=11)
+    results = []
+    for _ in range(2):
+        for z in zs:
+            z.grad = None
+        loss = pairwise_nce(*zs, temperature=0.05, block_size=64)
+        loss.backward()
+        results.append([loss.detach().clone()] + [z.grad.clone() for z in zs])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_pairs_order():
+    assert modality_pairs(3) == [(0, 1), (0, 2), (1, 2)]
+    zs = make_embeddings(3, 16, 4, seed=12, requires_grad=False)
+    _, stats = pairwise_nce(*zs, return_stats=True)
+    for k, (p, q) in enumerate(modality_pairs(3)):
+        alone = pairwise_nce(zs[p], zs[q])
+        assert torch.allclose(stats["pair_losses"][k], alone, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_two_modalities_equal_clip(n):
+    image, text = make_embeddings(2, n, 10, seed=13, requires_grad=False)
+    ours = pairwise_nce(image, text, temperature=0.07)
+    assert torch.allclose(ours, clip_loss_reference(image, text, 1 / 0.07), atol=1e-5)
+
+
+def test_two_modalities_equal_open_clip():
+    open_clip_loss = pytest.importorskip("open_clip.loss")
+    image, text = make_embeddings(2, 33, 16, seed=14, requires_grad=False)
+    import torch.nn.functional as F
+
+    expected = open_clip_loss.ClipLoss()(F.normalize(image, dim=-1), F.normalize(text, dim=-1), 1 / 0.07)
+    assert torch.allclose(pairwise_nce(image, text, temperature=0.07), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature,mask", [(0.1, False), (0.003, False), (0.1, True)])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradcheck_float64(temperature, mask, normalize):
+    zs = make_embeddings(3, 6, 3, seed=15, dtype=torch.float64)
+    t = torch.tensor([temperature, 2 * temperature, 3 * temperature], dtype=torch.float64, requires_grad=True)
+    m = None
+    if mask:
+        m = torch.ones(3, 6, dtype=torch.bool)
+        m[0, 1] = m[2, 4] = m[1, 4] = False
+    if not normalize:
+        zs = [(z.detach() * 0.2).requires_grad_() for z in zs]
+
+    def fn(t, *zs):
+        return pairwise_nce(*zs, temperature=t, mask=m, normalize=normalize, block_size=4)
+
+    assert torch.autograd.gradcheck(fn, (t, *zs), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_within_torch_error(dtype):
+    """Error vs float64 is at most 2x PyTorch's own same-dtype error (plus a small atol)."""
+    zs64 = make_embeddings(3, 64, 32, seed=16, dtype=torch.float64)
+    zs = [z.detach().to(dtype).requires_grad_() for z in zs64]
+    exact = [z.detach().double().requires_grad_() for z in zs]  # the rounded inputs, in float64
+    ref = pairwise_nce_reference(*exact, temperature=0.07)
+    ref.backward()
+    ours = pairwise_nce(*zs, temperature=0.07)
+    ours.backward()
+    same = [z.detach().clone().requires_grad_() for z in zs]
+    torch_loss = pairwise_nce_reference(*same, temperature=0.07, upcast=False)
+    torch_loss.backward()
+
+    assert ours.dtype == torch.float32
+    assert (ours.double() - ref).abs() <= 2 * (torch_loss.double() - ref).abs() + 1e-5
+    for z, s, e in zip(zs, same, exact):
+        assert z.grad.dtype == dtype
+        ours_err = (z.grad.double() - e.grad).abs().max()
+        torch_err = (s.grad.double() - e.grad).abs().max()
+        assert ours_err <= 2 * torch_err + 1e-5 * e.grad.abs().max(), (ours_err, torch_err)
+
+
+def test_autocast_cpu_keeps_fp32_statistics():
+    zs = make_embeddings(3, 50, 16, seed=17)
+    expected = pairwise_nce(*zs, temperature=0.05)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = pairwise_nce(*zs, temperature=0.05)
+    assert inside.dtype == torch.float32
+    assert torch.equal(inside, expected)  # fp32 inputs are not silently downcast inside the loss
+
+    lin = torch.nn.Linear(16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = [lin(z) for z in zs]
+        assert feats[0].dtype == torch.bfloat16
+        loss = pairwise_nce(*feats, temperature=0.05)
+    loss.backward()
+    assert loss.dtype == torch.float32 and lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
+
+
+def test_inside_torch_compile_training_step():
+    torch.manual_seed(0)
+    enc = torch.nn.ModuleList([torch.nn.Linear(8, 16) for _ in range(3)])
+    inputs = [randn(32, 8, seed=k) for k in range(3)]
+    t = torch.tensor(0.1, requires_grad=True)
+
+    def step(*xs):
+        feats = [e(x).relu() for e, x in zip(enc, xs)]
+        return pairwise_nce(*feats, temperature=t)
+
+    eager = step(*inputs)
+    eager.backward()
+    eager_grads = [p.grad.clone() for p in enc.parameters()] + [t.grad.clone()]
+    enc.zero_grad()
+    t.grad = None
+    compiled = torch.compile(step)
+    loss = compiled(*inputs)
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for g, e in zip([p.grad for p in enc.parameters()] + [t.grad], eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_torch_backend(dtype):
+    zs = make_embeddings(3, 300, 64, seed=18, device="cuda", dtype=dtype)
+    mask = torch.rand(3, 300, device="cuda") > 0.2
+    t = torch.tensor([0.05, 0.07, 0.003], device="cuda", requires_grad=True)
+    loss = pairwise_nce(*zs, temperature=t, mask=mask, backend="torch", block_size=64)
+    loss.backward()
+    refs = [z.detach().double().requires_grad_() for z in zs]
+    tr = t.detach().double().requires_grad_()
+    ref = pairwise_nce_reference(*refs, temperature=tr, mask=mask)
+    ref.backward()
+    tol = 2e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(loss.double(), ref, rtol=tol, atol=tol)
+    for z, r in zip(zs, refs):
+        torch.testing.assert_close(z.grad.double(), r.grad, rtol=tol, atol=tol * r.grad.abs().max().item())
