@@ -1,9 +1,10 @@
 """Peak memory growth of one fwd+bwd of a provider, measured in a fresh process.
 
-CPU: after inputs are made and a warm-up call has run (thread pools; at the same shape for torch.compile,
-which compiles per shape, at N <= 256 otherwise), the kernel's peak-RSS mark is reset (/proc/self/clear_refs,
-"5") and the growth of VmHWM over VmRSS during one more call is reported. The growth includes the
-gradients the call allocates (M * N * D elements). CUDA: torch.cuda.max_memory_allocated over the allocation before the call.
+CPU: after inputs are made and a warm-up call has run (thread pools; at the same shape for
+torch.compile, which compiles per shape, at N <= 256 otherwise), the kernel's peak-RSS mark is reset
+(/proc/self/clear_refs, "5") and the growth of VmHWM over VmRSS during one more call is reported. The
+growth includes the gradients the call allocates (M * N * D elements). CUDA: torch.cuda.max_memory_allocated
+over the allocation before the call.
 
     python -m bench.memory PROVIDER N D [--device cpu|cuda] [--dtype float32|bfloat16]
 """

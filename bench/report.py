@@ -68,7 +68,8 @@ def goal_lines(table):
         prov = table.get((n, d), {})
         if num in prov and den in prov:
             r = prov[num]["median_ms"] / prov[den]["median_ms"]
-            lines.append(f"- N={n} D={d}: {num} / {den} = {r:.2f}x (goal <= {bound}x): {'met' if r <= bound else 'NOT met'}")
+            verdict = "met" if r <= bound else "NOT met"
+            lines.append(f"- N={n} D={d}: {num} / {den} = {r:.2f}x (goal <= {bound}x): {verdict}")
     n, d, provider, bound = MEMORY_GOAL
     row = table.get((n, d), {}).get(provider)
     if row and row["peak_growth_mib"] is not None:
@@ -151,6 +152,20 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
+def write_results(stem: str, result: dict, markdown_fn, plot_fn) -> str:
+    """Write stem.json, stem.md and stem.png; return the Markdown (shared by the CPU and GPU reports)."""
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    md = markdown_fn(result)
+    with open(stem + ".md", "w") as f:
+        f.write(md)
+    plot_fn(result, stem + ".png")
+    print(md)
+    print(f"wrote {stem}.json, .md, .png")
+    return md
+
+
 def update_readme(md: str, readme: str) -> None:
     with open(readme) as f:
         text = f.read()
@@ -173,16 +188,7 @@ def main(argv=None) -> int:
     result["ratios"] = ratios(by_shape(result["rows"]))
     result["goals"] = goal_lines(by_shape(result["rows"]))
     meta = result["meta"]
-    stem = os.path.join(args.out, f"cpu-{slug(meta['device'])}-{meta['date']}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    md = markdown(result)
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    plot(result, stem + ".png")
-    print(md)
-    print(f"wrote {stem}.json, .md, .png")
+    md = write_results(os.path.join(args.out, f"cpu-{slug(meta['device'])}-{meta['date']}"), result, markdown, plot)
     if args.update_readme:
         update_readme(md, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"))
         print("updated README.md")

@@ -39,7 +39,9 @@ def _check_embeddings(embeddings) -> None:
                 f"embedding {m} is {tuple(z.shape)}"
             )
         if z.dtype != first.dtype:
-            raise TypeError(f"all embeddings must share one dtype; embedding 0 is {first.dtype}, embedding {m} is {z.dtype}")
+            raise TypeError(
+                f"all embeddings must share one dtype; embedding 0 is {first.dtype}, embedding {m} is {z.dtype}"
+            )
         if z.device != first.device:
             raise ValueError(
                 f"all embeddings must be on one device; embedding 0 is on {first.device}, embedding {m} on {z.device}"
@@ -86,7 +88,9 @@ def _host_values(name: str, value, count: int, allow_scalar: bool) -> tuple[list
 
 def _check_mask(mask, num_modalities: int, n: int, device: torch.device) -> None:
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a bool tensor of shape (M, N) = ({num_modalities}, {n}), got {type(mask).__name__}")
+        raise TypeError(
+            f"mask must be a bool tensor of shape (M, N) = ({num_modalities}, {n}), got {type(mask).__name__}"
+        )
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
     if tuple(mask.shape) != (num_modalities, n):
@@ -107,6 +111,19 @@ def _triton_available() -> bool:
     from .kernels import available
 
     return available()
+
+
+def _check_triton(z: torch.Tensor) -> None:
+    from .kernels import available, interpreter
+
+    if z.dtype == torch.float64:
+        raise TypeError("backend='triton' takes float32, float16 or bfloat16 inputs; float64 runs on "
+                        "backend='torch' (which backend='auto' picks for it)")
+    if not available():
+        raise RuntimeError("backend='triton' needs Triton, which is not importable here; use backend='torch'")
+    if z.device.type != "cuda" and not interpreter():
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import for CPU "
+                         f"tensors), got tensors on {z.device}; use backend='torch' or 'auto'")
 
 
 @torch.compiler.disable  # runs eagerly inside a compiled step: host-side validation and a blocked loop
@@ -187,11 +204,11 @@ def pairwise_nce(
             "(global negatives across ranks are planned); call it without group= on the local batch"
         )
 
-    if backend == "triton" or (backend == "auto" and device.type == "cuda" and _triton_available()):
-        raise NotImplementedError(
-            "backend='triton' is not available: the fused Triton kernels are not implemented in this "
-            "version of fastpair; use backend='torch' (exact, any device) or 'auto'"
-        )
+    use_triton = backend == "triton"
+    if use_triton:
+        _check_triton(embeddings[0])
+    elif backend == "auto" and device.type == "cuda" and embeddings[0].dtype != torch.float64:
+        use_triton = _triton_available()
 
     temp_tensor = temperature if isinstance(temperature, torch.Tensor) and temperature.requires_grad else None
     plan = Plan(
@@ -203,7 +220,11 @@ def pairwise_nce(
         block=block_size or _torch_backend.default_block(n),
         temperature_shape=temp_shape if temp_tensor is not None else None,
     )
-    loss, pair_losses, accuracy = PairwiseNCEFunction.apply(plan, temp_tensor, mask, *embeddings)
+    if use_triton:
+        from .kernels.pairwise_nce import TritonPairwiseNCEFunction as function
+    else:
+        function = PairwiseNCEFunction
+    loss, pair_losses, accuracy = function.apply(plan, temp_tensor, mask, *embeddings)
     if return_stats:
         return loss, {"pair_losses": pair_losses, "pair_accuracy": accuracy}
     return loss

@@ -1,11 +1,18 @@
-"""Fused Triton kernels of pairwise_nce (installed as ``fastpair.kernels``).
+"""Fused Triton kernels of pairwise_nce (installed as ``fastpair.kernels``); see pairwise_nce.py."""
 
-Not implemented yet: the fused forward/backward kernels are planned (see README, "Not yet").
-Until they land, ``available()`` is False, ``backend="auto"`` uses the exact torch backend on every
-device, and ``backend="triton"`` raises NotImplementedError.
-"""
+from __future__ import annotations
+
+import os
 
 
 def available() -> bool:
-    """Whether the fused Triton backend can run here (always False in this version)."""
-    return False
+    """Whether Triton is importable (the kernels then run on CUDA tensors, or on CPU under TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # Triton missing or broken: the torch backend is used
+        return False
+    return True
+
+
+def interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before they are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 # Per compute dtype: (rtol, atol relative to the largest reference magnitude). 16-bit inputs are compared
 # against PyTorch's own same-dtype error instead (see assert_within_torch_error).
@@ -23,18 +30,19 @@ def make_embeddings(m, n, d, seed=0, dtype=torch.float32, device="cpu", requires
             for k in range(m)]
 
 
-def assert_close(actual, expected, dtype=torch.float32, scale=1.0, name="value"):
-    """|actual - expected| <= atol * scale * max|expected| + rtol * |expected|, elementwise, verbose on failure.
+def assert_close(actual, expected, dtype=torch.float32, scale=1.0, name="value", magnitude=1.0):
+    """|actual - expected| <= atol * scale * max(max|expected|, magnitude) + rtol * |expected|, elementwise.
 
     scale widens the tolerance where the problem is ill-conditioned (e.g. 1/t = 1000 amplifies input
-    rounding of the logits by 1000).
+    rounding of the logits by 1000); magnitude is the quantity's natural size where the exact value may
+    be 0 (a gradient's is 1/(t n): rounding of the logits leaves about eps * |S| / (t n) even there).
     """
     rtol, atol = TOLERANCE[dtype]
     actual = actual.detach().to("cpu", torch.float64)
     expected = expected.detach().to("cpu", torch.float64)
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{name}: non-finite values at {torch.nonzero(~torch.isfinite(actual))[:5]}"
-    ref = expected.abs().max().clamp_min(1.0) if expected.numel() else torch.tensor(1.0)
+    ref = expected.abs().max().clamp_min(magnitude) if expected.numel() else torch.tensor(magnitude)
     bound = atol * scale * ref + rtol * scale * expected.abs()
     err = (actual - expected).abs()
     bad = err > bound
@@ -52,6 +60,24 @@ def condition_scale(temperature) -> float:
     """How much 1/t amplifies rounding of the logits (1 for t >= 0.01)."""
     t = min(temperature) if isinstance(temperature, (list, tuple)) else float(temperature)
     return max(1.0, 0.01 / t)
+
+
+def triton_runs() -> bool:
+    from fastpair.kernels import available, interpreter
+
+    return available() and (torch.cuda.is_available() or interpreter())
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request):
+    """Every loss test runs on both backends; triton on CPU runs in the interpreter (small shapes only)."""
+    if request.param == "triton" and not triton_runs():
+        pytest.skip("Triton is not available here")
+    return request.param
+
+
+def device_for(backend: str) -> str:
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)

@@ -61,8 +61,16 @@ def test_bad_input(args, kwargs, error, words):
     assert words in str(info.value), str(info.value)
 
 
-def test_triton_backend_says_it_is_not_available():
-    with pytest.raises(NotImplementedError, match="backend='torch'"):
+def test_triton_backend_refuses_float64():
+    with pytest.raises(TypeError, match="float64 runs on backend='torch'"):
+        pairwise_nce(*[z.double() for z in Z], backend="triton")
+
+
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    import fastpair.kernels
+
+    monkeypatch.setattr(fastpair.kernels, "interpreter", lambda: False)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
         pairwise_nce(*Z, backend="triton")
 
 

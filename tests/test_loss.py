@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, condition_scale, make_embeddings, randn
+from conftest import assert_close, condition_scale, device_for, make_embeddings, randn
 
 from fastpair import modality_pairs, pairwise_nce
 from fastpair.reference import clip_loss_reference, pairwise_nce_reference
@@ -16,26 +16,45 @@ def _temperature_arg(temperature, learnable, dtype=torch.float64):
     return torch.tensor(temperature, dtype=dtype, requires_grad=True)
 
 
-def check_against_reference(zs, temperature=0.07, learnable=False, block_size=None, **kw):
+def small(n: int, backend: str) -> int:
+    """Shapes for the Triton interpreter stay small (it emulates every block op on the CPU)."""
+    return min(n, 33) if backend == "triton" and not torch.cuda.is_available() else n
+
+
+def on(zs, backend):
+    """Move leaf embeddings to the backend's device (CUDA for triton when there is a GPU)."""
+    dev = device_for(backend)
+    return [z.detach().to(dev).requires_grad_(z.requires_grad) for z in zs]
+
+
+def check_against_reference(zs, backend="torch", temperature=0.07, learnable=False, block_size=None, **kw):
     """Run fastpair and the float64 reference on the same inputs; compare loss, grads, dt and stats."""
     dtype = zs[0].dtype
     cdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    zs = on(zs, backend)
+    if kw.get("mask") is not None:
+        kw["mask"] = kw["mask"].to(zs[0].device)
     t_ours = _temperature_arg(temperature, learnable)
-    loss, stats = pairwise_nce(*zs, temperature=t_ours, backend="torch", return_stats=True,
+    loss, stats = pairwise_nce(*zs, temperature=t_ours, backend=backend, return_stats=True,
                                block_size=block_size, **kw)
     loss.backward()
 
-    refs = [z.detach().double().requires_grad_() for z in zs]
+    refs = [z.detach().cpu().double().requires_grad_() for z in zs]
     t_ref = _temperature_arg(temperature, learnable)
+    kw = {key: (v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in kw.items()}
     ref_loss, ref_stats = pairwise_nce_reference(*refs, temperature=t_ref, return_stats=True, **kw)
     ref_loss.backward()
 
     scale = condition_scale(temperature if not isinstance(temperature, list) else min(temperature))
+    if not kw.get("normalize", True):  # unnormalized logits reach max|z|^2 / t, not 1/t
+        scale *= max(1.0, max(r.detach().norm(dim=1).max().item() for r in refs) ** 2)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close(loss, ref_loss, cdtype, scale, "loss")
+    t_min = min(temperature) if isinstance(temperature, list) else temperature
+    grad_size = 1.0 / (t_min * zs[0].shape[0])
     for m, (z, r) in enumerate(zip(zs, refs)):
         assert z.grad.dtype == z.dtype
-        assert_close(z.grad, r.grad, cdtype, scale, f"grad of embedding {m}")
+        assert_close(z.grad, r.grad, cdtype, scale, f"grad of embedding {m}", magnitude=grad_size)
     if learnable:
         assert t_ours.grad.shape == t_ours.shape
         assert_close(t_ours.grad, t_ref.grad, cdtype, scale, "grad of temperature")
@@ -43,24 +62,26 @@ def check_against_reference(zs, temperature=0.07, learnable=False, block_size=No
     assert stats["pair_accuracy"].dtype == torch.float32
     assert stats["pair_losses"].dtype == torch.float32
     assert not stats["pair_losses"].requires_grad
-    torch.testing.assert_close(stats["pair_accuracy"], ref_stats["pair_accuracy"], rtol=0, atol=1e-6)
-    return loss, stats
+    if zs[0].shape[1] > 1:  # with D = 1 every logit ties with others, and rounding decides the argmax
+        torch.testing.assert_close(stats["pair_accuracy"].cpu(), ref_stats["pair_accuracy"], rtol=0, atol=1e-6)
+    return loss, stats, zs
 
 
 @pytest.mark.parametrize("m", [2, 3, 4])
 @pytest.mark.parametrize("n", [1, 2, 5, 129])
 @pytest.mark.parametrize("d", [1, 3, 100])
-def test_shapes(m, n, d):
-    check_against_reference(make_embeddings(m, n, d, seed=n + d))
+def test_shapes(m, n, d, backend):
+    n = small(n, backend)
+    check_against_reference(make_embeddings(m, n, d, seed=n + d), backend)
 
 
 @pytest.mark.parametrize("temperature", [0.001, 0.01, 0.07, 1.0, 100.0])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_temperatures(temperature, normalize):
+def test_temperatures(temperature, normalize, backend):
     zs = make_embeddings(3, 37, 8, seed=1)
     if not normalize:  # keep unnormalized logits in a sane range: |S| ~ |z|^2 / t
         zs = [(z.detach() * 0.3).requires_grad_() for z in zs]
-    check_against_reference(zs, temperature=temperature, normalize=normalize, block_size=16)
+    check_against_reference(zs, backend, temperature=temperature, normalize=normalize, block_size=16)
 
 
 @pytest.mark.parametrize("block_size", [1, 3, 16, 64, 1000])
@@ -70,9 +91,11 @@ def test_block_sizes_agree(block_size):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("temperature", [0.05, [0.05, 0.1, 0.2], 0.002])
-def test_learnable_temperature(dtype, temperature):
+def test_learnable_temperature(dtype, temperature, backend):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("float64 runs on the torch backend only")
     zs = make_embeddings(3, 40, 6, seed=3, dtype=dtype)
-    check_against_reference(zs, temperature=temperature, learnable=True, block_size=16)
+    check_against_reference(zs, backend, temperature=temperature, learnable=True, block_size=16)
 
 
 def test_per_pair_temperature_is_not_summed():
@@ -84,42 +107,45 @@ def test_per_pair_temperature_is_not_summed():
 
 
 @pytest.mark.parametrize("m", [3, 4])
-def test_weights(m):
+def test_weights(m, backend):
     num_pairs = m * (m - 1) // 2
     weights = [float(k % 3) for k in range(num_pairs)]  # includes zero weights
     weights[0] = 0.5
-    check_against_reference(make_embeddings(m, 33, 4, seed=5), weights=weights, block_size=8)
+    check_against_reference(make_embeddings(m, 33, 4, seed=5), backend, weights=weights, block_size=8)
 
 
 @pytest.mark.parametrize("temperature", [0.07, 0.001])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_mask(temperature, normalize):
-    zs = make_embeddings(3, 61, 6, seed=6)
-    mask = torch.rand(3, 61, generator=torch.Generator().manual_seed(0)) > 0.3
+def test_mask(temperature, normalize, backend):
+    n = small(61, backend)
+    zs = make_embeddings(3, n, 6, seed=6)
+    mask = torch.rand(3, n, generator=torch.Generator().manual_seed(0)) > 0.3
     mask[:, 7] = torch.tensor([True, False, False])  # sample 7 misses two modalities
-    check_against_reference(zs, temperature=temperature, mask=mask, normalize=normalize, block_size=16)
+    _, _, zs = check_against_reference(zs, backend, temperature=temperature, mask=mask, normalize=normalize,
+                                       block_size=16)
+    mask = mask.to(zs[0].device)
     assert torch.all(zs[0].grad[7] == 0) and torch.all(zs[1].grad[7] == 0) and torch.all(zs[2].grad[7] == 0)
     missing = ~mask
     for k in range(3):
         assert torch.all(zs[k].grad[missing[k]] == 0)
 
 
-def test_mask_pair_without_valid_sample():
+def test_mask_pair_without_valid_sample(backend):
     zs = make_embeddings(3, 20, 5, seed=7)
     mask = torch.ones(3, 20, dtype=torch.bool)
     mask[1, :10] = False
     mask[2, 10:] = False  # pair (audio, vision) has no valid sample
-    loss, stats = check_against_reference(zs, mask=mask, block_size=8)
+    loss, stats, _ = check_against_reference(zs, backend, mask=mask, block_size=8)
     assert stats["pair_losses"][2] == 0 and torch.all(stats["pair_accuracy"][2] == 0)
     # the loss is the mean over the two pairs that have samples
     assert torch.allclose(loss, stats["pair_losses"][:2].mean(), atol=1e-6)
 
 
-def test_mask_everything_missing_gives_zero_loss_and_zero_grads():
-    zs = make_embeddings(2, 6, 3, seed=8)
-    mask = torch.zeros(2, 6, dtype=torch.bool)
+def test_mask_everything_missing_gives_zero_loss_and_zero_grads(backend):
+    zs = on(make_embeddings(2, 6, 3, seed=8), backend)
+    mask = torch.zeros(2, 6, dtype=torch.bool, device=zs[0].device)
     t = torch.tensor(0.1, requires_grad=True)
-    loss, stats = pairwise_nce(*zs, temperature=t, mask=mask, return_stats=True)
+    loss, stats = pairwise_nce(*zs, temperature=t, mask=mask, return_stats=True, backend=backend)
     loss.backward()
     assert loss.item() == 0.0
     assert all(torch.all(z.grad == 0) for z in zs)
@@ -127,56 +153,92 @@ def test_mask_everything_missing_gives_zero_loss_and_zero_grads():
     assert torch.all(stats["pair_accuracy"] == 0)
 
 
-def test_zero_vectors():
+def test_zero_vectors(backend):
     zs = make_embeddings(3, 9, 4, seed=9)
     with torch.no_grad():
         zs[0][3] = 0.0
         zs[2][5] = 0.0
-    check_against_reference(zs)
+    check_against_reference(zs, backend)
 
 
-def test_non_contiguous_inputs():
-    base = [randn(40, 12, seed=k) for k in range(3)]
-    zs = [b[::2, ::3].clone().requires_grad_() for b in base]  # leaves, below made non-contiguous
-    views = [randn(12, 20, seed=10 + k).T.requires_grad_() for k in range(3)]  # transposed leaves
+def test_non_contiguous_inputs(backend):
+    dev = device_for(backend)
+    views = [randn(12, 20, seed=10 + k, device=dev).T.requires_grad_() for k in range(3)]  # transposed leaves
     assert not views[0].is_contiguous()
-    check_against_reference(views)
-    check_against_reference(zs)
+    loss = pairwise_nce(*views, backend=backend)
+    loss.backward()
+    dense = [v.detach().contiguous().requires_grad_() for v in views]
+    expected = pairwise_nce(*dense, backend=backend)
+    expected.backward()
+    assert torch.allclose(loss, expected, atol=1e-6)
+    for v, c in zip(views, dense):
+        assert torch.allclose(v.grad, c.grad, atol=1e-6)
+    strided = [randn(40, 12, seed=k, device=dev)[::2, ::3] for k in range(3)]  # non-leaf strided views
+    check_against_reference([s.clone().requires_grad_() for s in strided], backend)
 
 
-def test_stats_on_easy_batch_are_perfect():
-    x = torch.eye(8)
-    loss, stats = pairwise_nce(x, x.clone(), x.clone(), temperature=0.1, return_stats=True)
+def test_stats_on_easy_batch_are_perfect(backend):
+    x = torch.eye(8, device=device_for(backend))
+    loss, stats = pairwise_nce(x, x.clone(), x.clone(), temperature=0.1, return_stats=True, backend=backend)
     assert torch.all(stats["pair_accuracy"] == 1.0)
     assert stats["pair_losses"].shape == (3,)
 
 
-def test_deterministic():
-    zs = make_embeddings(3, 300, 16, seed=11)
+@pytest.fixture
+def deterministic_algorithms():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def test_deterministic(backend, deterministic_algorithms):
+    """Under torch.use_deterministic_algorithms(True) two runs agree bitwise (the torch backend always does)."""
+    zs = on(make_embeddings(3, small(300, backend), 16, seed=11), backend)
     results = []
     for _ in range(2):
         for z in zs:
             z.grad = None
-        loss = pairwise_nce(*zs, temperature=0.05, block_size=64)
+        loss = pairwise_nce(*zs, temperature=0.05, block_size=64, backend=backend)
         loss.backward()
         results.append([loss.detach().clone()] + [z.grad.clone() for z in zs])
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
 
-def test_pairs_order():
+def test_triton_atomic_and_deterministic_paths_agree(deterministic_algorithms):
+    """The fast path (column sums by atomics) and the atomic-free path compute the same loss and gradients."""
+    from conftest import triton_runs
+
+    if not triton_runs():
+        pytest.skip("Triton is not available here")
+    zs = on(make_embeddings(3, small(100, "triton"), 24, seed=19), "triton")
+    mask = torch.rand(3, zs[0].shape[0], generator=torch.Generator().manual_seed(1)).to(zs[0].device) > 0.2
+    out = []
+    for deterministic in (True, False):
+        torch.use_deterministic_algorithms(deterministic)
+        for z in zs:
+            z.grad = None
+        loss = pairwise_nce(*zs, temperature=0.05, mask=mask, backend="triton")
+        loss.backward()
+        out.append([loss.detach().clone()] + [z.grad.clone() for z in zs])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pairs_order(backend):
     assert modality_pairs(3) == [(0, 1), (0, 2), (1, 2)]
-    zs = make_embeddings(3, 16, 4, seed=12, requires_grad=False)
-    _, stats = pairwise_nce(*zs, return_stats=True)
+    zs = on(make_embeddings(3, 16, 4, seed=12, requires_grad=False), backend)
+    _, stats = pairwise_nce(*zs, return_stats=True, backend=backend)
     for k, (p, q) in enumerate(modality_pairs(3)):
-        alone = pairwise_nce(zs[p], zs[q])
+        alone = pairwise_nce(zs[p], zs[q], backend=backend)
         assert torch.allclose(stats["pair_losses"][k], alone, atol=1e-6)
 
 
 @pytest.mark.parametrize("n", [1, 7, 64])
-def test_two_modalities_equal_clip(n):
-    image, text = make_embeddings(2, n, 10, seed=13, requires_grad=False)
-    ours = pairwise_nce(image, text, temperature=0.07)
+def test_two_modalities_equal_clip(n, backend):
+    image, text = on(make_embeddings(2, n, 10, seed=13, requires_grad=False), backend)
+    ours = pairwise_nce(image, text, temperature=0.07, backend=backend)
     assert torch.allclose(ours, clip_loss_reference(image, text, 1 / 0.07), atol=1e-5)
 
 
@@ -208,41 +270,42 @@ def test_gradcheck_float64(temperature, mask, normalize):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_within_torch_error(dtype):
+def test_half_precision_within_torch_error(dtype, backend):
     """Error vs float64 is at most 2x PyTorch's own same-dtype error (plus a small atol)."""
-    zs64 = make_embeddings(3, 64, 32, seed=16, dtype=torch.float64)
-    zs = [z.detach().to(dtype).requires_grad_() for z in zs64]
-    exact = [z.detach().double().requires_grad_() for z in zs]  # the rounded inputs, in float64
+    zs64 = make_embeddings(3, small(64, backend), 32, seed=16, dtype=torch.float64)
+    zs = [z.detach().to(dtype).to(device_for(backend)).requires_grad_() for z in zs64]
+    exact = [z.detach().cpu().double().requires_grad_() for z in zs]  # the rounded inputs, in float64
     ref = pairwise_nce_reference(*exact, temperature=0.07)
     ref.backward()
-    ours = pairwise_nce(*zs, temperature=0.07)
+    ours = pairwise_nce(*zs, temperature=0.07, backend=backend)
     ours.backward()
     same = [z.detach().clone().requires_grad_() for z in zs]
     torch_loss = pairwise_nce_reference(*same, temperature=0.07, upcast=False)
     torch_loss.backward()
 
     assert ours.dtype == torch.float32
-    assert (ours.double() - ref).abs() <= 2 * (torch_loss.double() - ref).abs() + 1e-5
+    assert (ours.double().cpu() - ref).abs() <= 2 * (torch_loss.double().cpu() - ref).abs() + 1e-5
     for z, s, e in zip(zs, same, exact):
         assert z.grad.dtype == dtype
-        ours_err = (z.grad.double() - e.grad).abs().max()
-        torch_err = (s.grad.double() - e.grad).abs().max()
+        ours_err = (z.grad.double().cpu() - e.grad).abs().max()
+        torch_err = (s.grad.double().cpu() - e.grad).abs().max()
         assert ours_err <= 2 * torch_err + 1e-5 * e.grad.abs().max(), (ours_err, torch_err)
 
 
-def test_autocast_cpu_keeps_fp32_statistics():
-    zs = make_embeddings(3, 50, 16, seed=17)
-    expected = pairwise_nce(*zs, temperature=0.05)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        inside = pairwise_nce(*zs, temperature=0.05)
+def test_autocast_keeps_fp32_statistics(backend):
+    zs = on(make_embeddings(3, small(50, backend), 16, seed=17), backend)
+    dev = zs[0].device.type
+    expected = pairwise_nce(*zs, temperature=0.05, backend=backend)
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        inside = pairwise_nce(*zs, temperature=0.05, backend=backend)
     assert inside.dtype == torch.float32
     assert torch.equal(inside, expected)  # fp32 inputs are not silently downcast inside the loss
 
-    lin = torch.nn.Linear(16, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    lin = torch.nn.Linear(16, 16).to(zs[0].device)
+    with torch.autocast(dev, dtype=torch.bfloat16):
         feats = [lin(z) for z in zs]
         assert feats[0].dtype == torch.bfloat16
-        loss = pairwise_nce(*feats, temperature=0.05)
+        loss = pairwise_nce(*feats, temperature=0.05, backend=backend)
     loss.backward()
     assert loss.dtype == torch.float32 and lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
 

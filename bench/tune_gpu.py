@@ -1,0 +1,81 @@
+"""Time the Triton kernels' tile configurations at one shape (GPU only); prints a table per kernel.
+
+    python -m bench.tune_gpu [--n 32768] [--d 512] [--dtype bfloat16]
+
+Every configuration's output is compared with the first one's, so a fast but wrong tiling shows up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+from fastpair.kernels import pairwise_nce as K
+from triton.testing import do_bench
+
+PAIRS = list(itertools.combinations(range(3), 2))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=32768)
+    parser.add_argument("--d", type=int, default=512)
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args(argv)
+    n, d, dtype = args.n, args.d, getattr(torch, args.dtype)
+    zs = [torch.randn(n, d, device="cuda", dtype=dtype) for _ in range(3)]
+    scales = [1 / 0.07] * 3
+    xs = [z.float() for z in zs]
+    g = torch.randn(n, n, device="cuda", dtype=dtype)
+    floor = do_bench(lambda: [torch.matmul(zs[p], zs[q].T) for p, q in PAIRS], return_mode="median")
+    print(f"N={n} D={d} {args.dtype}: 3 S-matmuls (cuBLAS) {floor:.2f} ms; "
+          f"12-GEMM floor ~ {4 * floor:.2f} ms")
+    del xs, g
+
+    fwd_cfgs = [(bm, bn, bk, w, s) for bm, bn, bk, w, s in [
+        (64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4),
+        (64, 128, 64, 4, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 3),
+        (128, 128, 128, 8, 2)] if bk <= max(16, d)]
+    ref = None
+    print("forward (atomic fast path): BM BN BK warps stages -> ms, x(3 S-matmuls), max|dlse|")
+    for bm, bn, bk, w, s in fwd_cfgs:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s)
+        try:
+            out = K.forward(zs, scales, PAIRS, None, True, False, False, cfg=cfg)
+            ms = do_bench(lambda cfg=cfg: K.forward(zs, scales, PAIRS, None, True, False, False, cfg=cfg),
+                          warmup=20, rep=100, return_mode="median")
+        except Exception as err:  # noqa: BLE001 - report configs that do not compile
+            print(f"  {bm:4d} {bn:4d} {bk:4d} {w:2d} {s:2d} -> failed: {type(err).__name__}: {str(err)[:100]}")
+            continue
+        ref = out if ref is None else ref
+        err = (out["lse"] - ref["lse"]).abs().max().item()
+        print(f"  {bm:4d} {bn:4d} {bk:4d} {w:2d} {s:2d} -> {ms:8.3f} ms  {ms / floor:5.2f}x  {err:.2e}", flush=True)
+
+    saved = K.forward(zs, scales, PAIRS, None, True, False, True)
+    coef = torch.full((3,), 1.0 / (3 * 2 * n), device="cuda")
+    bwd_cfgs = [(bm, bn, bk, do, w, s) for bm, bn, bk, do, w, s in [
+        (64, 64, 64, 256, 8, 2), (64, 64, 64, 512, 8, 2), (64, 128, 64, 512, 8, 2), (128, 64, 64, 256, 8, 2),
+        (128, 128, 64, 128, 8, 2), (64, 64, 64, 128, 4, 3), (128, 64, 64, 512, 8, 1), (64, 64, 64, 512, 4, 2),
+        (128, 128, 64, 256, 8, 2), (64, 128, 64, 256, 8, 3), (128, 64, 64, 128, 4, 3)]
+        if do <= max(16, 1 << (d - 1).bit_length()) and bk <= max(16, d)]
+    ref = None
+    print("backward: BM BN BK BDO warps stages -> ms, x(12 S-sized matmuls = 4x the 3 above), max|ddx|/max|dx|")
+    for bm, bn, bk, do, w, s in bwd_cfgs:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=do, num_warps=w, num_stages=s)
+        try:
+            dx, _ = K.backward(saved, coef, PAIRS, 3, False, False, dtype, cfg=cfg)
+            ms = do_bench(lambda cfg=cfg: K.backward(saved, coef, PAIRS, 3, False, False, dtype, cfg=cfg),
+                          warmup=20, rep=100, return_mode="median")
+        except Exception as err:  # noqa: BLE001
+            print(f"  {bm:4d} {bn:4d} {bk:4d} {do:4d} {w:2d} {s:2d} -> failed: {type(err).__name__}: {str(err)[:100]}")
+            continue
+        ref = dx if ref is None else ref
+        err = ((dx - ref).abs().max() / ref.abs().max()).item()
+        print(f"  {bm:4d} {bn:4d} {bk:4d} {do:4d} {w:2d} {s:2d} -> {ms:8.3f} ms  {ms / (4 * floor):5.2f}x  {err:.2e}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,377 @@
+"""Fused Triton kernels of the modality-pairwise InfoNCE loss (forward and backward, all pairs per launch).
+
+Notation (DESIGN.md): embeddings z_a (N, D), inverse norms r_a = 1/max(||z_a||, 1e-12) (1 when not
+normalizing), pair k = (p, q) with scale s_k = 1/t_k. Logits are kept in base 2:
+    S2_ij = log2(e) * s_k * r_p[i] r_q[j] <z_p[i], z_q[j]>        (S = S2 * ln 2)
+so every exponential is an exp2 (Triton's fused-attention tutorial does the same). Normalization is
+applied as the rank-1 factor r_p[i] r_q[j] on each logit tile, never as a copy of the embeddings.
+
+Forward (`_fwd_kernel`): one program per (row block, directed pair). A directed pair (a, b) sweeps all
+column blocks of S_ab and keeps, per row, log2-sum-exp2 (online max, or none when bounded), the diagonal
+S2_ii and, for statistics, the first argmax. The column statistics of S_pq are the row statistics of
+S_qp, so the deterministic path launches both directions of every pair (2 matmul passes per pair). When
+the logits are bounded (normalized inputs and 1/t <= 60: |S| <= 1/t, exp2 needs no max) the fast path
+launches one direction and adds each tile's column sums of exp2(S2) into an fp32 buffer with atomics
+(1 pass per pair; not bitwise reproducible). torch.use_deterministic_algorithms(True), return_stats,
+normalize=False or 1/t > 60 select the two-direction path.
+
+Backward (`_bwd_kernel`): atomic-free, FlashAttention-shaped. One program per (row block, modality a,
+chunk of D) sweeps every partner b of a and every column block, recomputes the tile and accumulates
+    dL/dx_a[i] = s_k * sum_j G_ij r_b[j] z_b[j],   G = dL/dS = c_k (P + Q - 2I),  c_k = g w_k / (W 2 n_k)
+in registers, where P = exp2(S2 - lse2_own[i]) and Q = exp2(S2 - lse2_other[j]) (for a = q the tile is
+S_pq^T and the roles of the two statistics swap, which the same formula covers). When bounded, one exp2
+serves both: G = c E (2^-lse_own[i] + 2^-lse_other[j]). dL/dt_k = -s_k sum_ij G_ij S_ij is reduced per
+(pair, row block) from the tile, no extra pass. The normalization backward (an O(N*D) projection) and
+the final loss reduction run in PyTorch. Per pair the backward costs 2 directions x 2 matmul passes.
+
+Limits: fp32, bf16, fp16 inputs (fp32 math; tf32 for fp32 inputs only when torch allows it; in Triton's
+interpreter bf16 is computed from fp32 operands, see forward); any N >= 1, any D (masked to the block);
+int64 offsets. The gradient is accumulated in an fp32 (M, N, D) buffer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+NORM_EPS = 1e-12
+BOUND = 60.0  # largest 1/t for which exp(S), |S| <= 1/t, is safe in fp32 without a running max
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _logits_tile(z_ptr, a, b, offs_m, offs_n, N, D, stride_m, stride_n,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
+    """<z_a[i], z_b[j]> for a BLOCK_M x BLOCK_N tile, fp32 accumulation over D in BLOCK_K chunks."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_rows = z_ptr + a.to(tl.int64) * stride_m + offs_m.to(tl.int64)[:, None] * stride_n
+    b_rows = z_ptr + b.to(tl.int64) * stride_m + offs_n.to(tl.int64)[:, None] * stride_n
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + offs_k
+        za = tl.load(a_rows + kk[None, :], mask=(offs_m[:, None] < N) & (kk[None, :] < D), other=0.0)
+        zb = tl.load(b_rows + kk[None, :], mask=(offs_n[:, None] < N) & (kk[None, :] < D), other=0.0)
+        acc = tl.dot(za, tl.trans(zb), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _scaled_tile(z_ptr, rnorm_ptr, a, b, offs_m, offs_n, row_f, N, D, stride_m, stride_n,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr):
+    """S2 = row_f[i] * r_b[j] * <z_a[i], z_b[j]> (row_f = r_a * log2(e) / t), and r_b for the columns."""
+    acc = _logits_tile(z_ptr, a, b, offs_m, offs_n, N, D, stride_m, stride_n,
+                       BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    rb = tl.load(rnorm_ptr + b * N + offs_n, mask=offs_n < N, other=0.0)
+    return acc * row_f[:, None] * rb[None, :], rb
+
+
+@triton.jit
+def _valid(valid_ptr, a, b, offs, N, HAS_MASK: tl.constexpr):
+    inside = offs < N
+    if HAS_MASK:
+        va = tl.load(valid_ptr + a * N + offs, mask=inside, other=0)
+        vb = tl.load(valid_ptr + b * N + offs, mask=inside, other=0)
+        inside = inside & (va != 0) & (vb != 0)
+    return inside
+
+
+@triton.jit
+def _fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, dir_ptr,
+                lse_ptr, diag_ptr, hit_ptr, colsum_ptr,
+                N, D, stride_m, stride_n, N_BUCKET,
+                HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, ATOMIC_COLS: tl.constexpr, STATS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    d = tl.program_id(1)
+    a = tl.load(dir_ptr + 3 * d)
+    b = tl.load(dir_ptr + 3 * d + 1)
+    k = tl.load(dir_ptr + 3 * d + 2)
+    m_start = pid_m * BLOCK_M
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    row_ok = _valid(valid_ptr, a, b, offs_m, N, HAS_MASK)
+    row_f = tl.load(rnorm_ptr + a * N + offs_m, mask=offs_m < N, other=0.0) * tl.load(scale2_ptr + k)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    diag = tl.zeros((BLOCK_M,), tl.float32)
+    best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    best_idx = tl.zeros((BLOCK_M,), tl.int32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = _valid(valid_ptr, a, b, offs_n, N, HAS_MASK)
+        s2, rb = _scaled_tile(z_ptr, rnorm_ptr, a, b, offs_m, offs_n, row_f, N, D, stride_m, stride_n,
+                              BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+        if (start_n < m_start + BLOCK_M) & (start_n + BLOCK_N > m_start):  # tile meets the diagonal
+            diag += tl.sum(tl.where(offs_m[:, None] == offs_n[None, :], s2, 0.0), axis=1)
+        s2 = tl.where(col_ok[None, :], s2, float("-inf"))
+        if BOUNDED:
+            # |S| <= 1/t <= 60: exp2 of the raw logits stays in fp32's normal range, no max needed
+            e = tl.exp2(s2)
+            l_i += tl.sum(e, axis=1)
+            if ATOMIC_COLS:
+                part = tl.sum(tl.where(row_ok[:, None], e, 0.0), axis=0)
+                tl.atomic_add(colsum_ptr + k * N + offs_n, part, mask=col_ok)
+        else:
+            # online log-sum-exp: l <- l * 2^(m_old - m_new) + sum 2^(s - m_new)
+            m_new = tl.maximum(m_i, tl.max(s2, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s2 - m_safe[:, None]), axis=1)
+            m_i = m_new
+        if STATS:
+            t_max = tl.max(s2, axis=1)
+            t_arg = tl.argmax(s2, axis=1, tie_break_left=True).to(tl.int32) + start_n
+            better = t_max > best  # strict: the first column block holding the maximum wins
+            best = tl.where(better, t_max, best)
+            best_idx = tl.where(better, t_arg, best_idx)
+    if BOUNDED:
+        lse = tl.log2(l_i)
+    else:
+        lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log2(l_i)
+    lse = tl.where(row_ok, lse, 0.0)
+    out = d.to(tl.int64) * N + offs_m
+    tl.store(lse_ptr + out, lse, mask=offs_m < N)
+    tl.store(diag_ptr + out, diag, mask=offs_m < N)
+    if STATS:
+        tl.store(hit_ptr + out, ((best_idx == offs_m) & row_ok).to(tl.float32), mask=offs_m < N)
+
+
+@triton.jit
+def _bwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, partner_ptr, lse_ptr,
+                dx_ptr, sgs_ptr,
+                N, D, stride_m, stride_n, N_BUCKET, NUM_PARTNERS, NUM_ROW_BLOCKS,
+                HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, NEEDS_DT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    a = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    m_start = pid_m * BLOCK_M
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    ra = tl.load(rnorm_ptr + a * N + offs_m, mask=offs_m < N, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    for j in range(NUM_PARTNERS):
+        entry = partner_ptr + (a * NUM_PARTNERS + j) * 4
+        b = tl.load(entry)
+        k = tl.load(entry + 1)
+        own = tl.load(entry + 2)  # index of the lse2 over a's rows (row stats if a = p, column stats if a = q)
+        other = tl.load(entry + 3)
+        scale2 = tl.load(scale2_ptr + k)
+        coef = tl.load(coef_ptr + k)
+        row_ok = _valid(valid_ptr, a, b, offs_m, N, HAS_MASK)
+        row_f = ra * scale2
+        lse_own = tl.load(lse_ptr + own.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
+        if BOUNDED:
+            inv_own = tl.exp2(-lse_own)
+        sgs = tl.zeros((BLOCK_M,), tl.float32)
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            col_ok = _valid(valid_ptr, a, b, offs_n, N, HAS_MASK)
+            s2, rb = _scaled_tile(z_ptr, rnorm_ptr, a, b, offs_m, offs_n, row_f, N, D, stride_m, stride_n,
+                                  BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+            lse_other = tl.load(lse_ptr + other.to(tl.int64) * N + offs_n, mask=col_ok, other=0.0)
+            ok = row_ok[:, None] & col_ok[None, :]
+            if BOUNDED:
+                g = tl.exp2(s2) * (inv_own[:, None] + tl.exp2(-lse_other)[None, :])  # P + Q from one exp2
+            else:
+                g = tl.exp2(s2 - lse_own[:, None]) + tl.exp2(s2 - lse_other[None, :])
+            g = tl.where(ok, g, 0.0)
+            if (start_n < m_start + BLOCK_M) & (start_n + BLOCK_N > m_start):
+                g = tl.where(ok & (offs_m[:, None] == offs_n[None, :]), g - 2.0, g)
+            g = g * coef  # G = dL/dS
+            if NEEDS_DT:
+                sgs += tl.sum(g * s2, axis=1)  # sum_ij G_ij S2_ij (S = S2 ln 2)
+            # dL/dx_a = (1/t) G (r_b z_b): fold 1/t = scale2 ln 2 and r_b into the columns of G
+            gs = g * (rb * (scale2 * 0.6931471805599453))[None, :]
+            zb_ptrs = z_ptr + b.to(tl.int64) * stride_m + offs_n.to(tl.int64)[:, None] * stride_n + offs_do[None, :]
+            zb = tl.load(zb_ptrs, mask=(offs_n[:, None] < N) & (offs_do[None, :] < D), other=0.0)
+            acc = tl.dot(gs.to(zb.dtype), zb, acc, input_precision=INPUT_PRECISION)
+        if NEEDS_DT:
+            if (a < b) & (pid_d == 0):  # the p side of pair k writes its (pair, row block) partial
+                tl.store(sgs_ptr + k * NUM_ROW_BLOCKS + pid_m, tl.sum(sgs, axis=0))
+    out = dx_ptr + a.to(tl.int64) * N * D + offs_m.to(tl.int64)[:, None] * D + offs_do[None, :]
+    tl.store(out, acc, mask=(offs_m[:, None] < N) & (offs_do[None, :] < D))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host side: block sizes, launches, epilogues.
+
+def _blocks(n: int, d: int, dtype: torch.dtype, which: str = "fwd") -> dict:
+    """Tile shapes. Interpreter: the smallest legal tiles (speed of the CPU emulation). GPU: 64 x 64 logit
+    tiles, K chunks of 64, and the whole (padded) D per backward program up to 256, so that the logits are
+    recomputed once per backward sweep for D <= 256; larger D splits into 256-wide chunks."""
+    if INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=32, num_warps=1, num_stages=1)
+    d_pad = max(16, triton.next_power_of_2(d))
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(64, d_pad), BLOCK_DO=min(256, d_pad),
+                num_warps=8 if d_pad >= 256 else 4, num_stages=2)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _pair_tables(num_modalities: int, pairs, device):
+    partners = []
+    for a in range(num_modalities):
+        for k, (p, q) in enumerate(pairs):
+            if a == p:
+                partners.append((q, k, 2 * k, 2 * k + 1))
+            elif a == q:
+                partners.append((p, k, 2 * k + 1, 2 * k))
+    return torch.tensor(partners, dtype=torch.int32, device=device)
+
+
+def forward(zs, scales, pairs, mask, normalize: bool, stats: bool, deterministic: bool, cfg=None):
+    """Returns a dict of O(N) statistics and the stacked inputs for the backward pass."""
+    m = len(zs)
+    n, d = zs[0].shape
+    device = zs[0].device
+    z = torch.stack([t.contiguous() for t in zs])  # (M, N, D) in the input dtype
+    if INTERPRET and z.dtype == torch.bfloat16:
+        # Triton's interpreter misreads bf16 loads (numpy has no bf16). bf16 x bf16 products are exact in
+        # fp32, so fp32 operands give the same logits; only the bf16 rounding of G in the backward dot
+        # differs. bf16 kernel numerics are therefore tested on a GPU.
+        z = z.float()
+    if normalize:
+        rnorm = 1.0 / torch.linalg.vector_norm(z.float(), dim=2).clamp_min(NORM_EPS)
+    else:
+        rnorm = torch.ones(m, n, dtype=torch.float32, device=device)
+    valid = mask.to(torch.int8).contiguous() if mask is not None else torch.empty(1, dtype=torch.int8, device=device)
+    scale2 = torch.tensor([s * LOG2E for s in scales], dtype=torch.float32, device=device)
+    bounded = normalize and max(scales) <= BOUND
+    atomic = bounded and not stats and not deterministic
+    directed = [(p, q, k) for k, (p, q) in enumerate(pairs)]
+    if not atomic:
+        directed = [t for k, (p, q) in enumerate(pairs) for t in ((p, q, k), (q, p, k))]
+    dirs = torch.tensor(directed, dtype=torch.int32, device=device)
+    num_dir = len(directed)
+    lse = torch.empty(num_dir, n, dtype=torch.float32, device=device)
+    diag = torch.empty(num_dir, n, dtype=torch.float32, device=device)
+    hits = torch.empty(num_dir, n, dtype=torch.float32, device=device) if stats else lse
+    colsum = torch.zeros(len(pairs), n, dtype=torch.float32, device=device) if atomic else lse
+    cfg = cfg or _blocks(n, d, zs[0].dtype, "fwd")
+    grid = (triton.cdiv(n, cfg["BLOCK_M"]), num_dir)
+    _fwd_kernel[grid](
+        z, rnorm, valid, scale2, dirs, lse, diag, hits, colsum,
+        n, d, z.stride(0), z.stride(1), triton.next_power_of_2(n),
+        HAS_MASK=mask is not None, BOUNDED=bounded, ATOMIC_COLS=atomic, STATS=stats,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        INPUT_PRECISION=_input_precision(zs[0].dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if atomic:
+        # lse table in the two-direction layout: 2k = rows of p (row stats), 2k+1 = rows of q (column stats)
+        col = torch.log2(colsum)
+        if mask is not None:
+            col = torch.where(_pair_valid(mask, pairs), col, torch.zeros_like(col))
+        lse = torch.stack([lse, col], dim=1).reshape(2 * len(pairs), n)
+        diag = diag.repeat_interleave(2, dim=0)
+    return dict(z=z, rnorm=rnorm, valid=valid, scale2=scale2, lse=lse, diag=diag,
+                hits=hits if stats else None, bounded=bounded)
+
+
+def _pair_valid(mask, pairs):
+    return torch.stack([mask[p] & mask[q] for p, q in pairs])
+
+
+def backward(saved, coef, pairs, num_modalities, has_mask: bool, needs_dt: bool, in_dtype, cfg=None):
+    """dL/dx (w.r.t. the normalized inputs, fp32, (M, N, D)) and per-pair sum_ij G_ij S2_ij (or None)."""
+    z = saved["z"]
+    _, n, d = z.shape
+    device = z.device
+    cfg = cfg or _blocks(n, d, in_dtype, "bwd")
+    partners = _pair_tables(num_modalities, pairs, device)
+    num_row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
+    dx = torch.empty(num_modalities, n, d, dtype=torch.float32, device=device)
+    sgs = torch.zeros(len(pairs), num_row_blocks, dtype=torch.float32, device=device)
+    grid = (num_row_blocks, num_modalities, triton.cdiv(d, cfg["BLOCK_DO"]))
+    _bwd_kernel[grid](
+        z, saved["rnorm"], saved["valid"], saved["scale2"], coef, partners, saved["lse"], dx, sgs,
+        n, d, z.stride(0), z.stride(1), triton.next_power_of_2(n), num_modalities - 1, num_row_blocks,
+        HAS_MASK=has_mask, BOUNDED=saved["bounded"], NEEDS_DT=needs_dt,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_DO=cfg["BLOCK_DO"],
+        INPUT_PRECISION=_input_precision(in_dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return dx, (sgs.sum(dim=1) if needs_dt else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd: the loss epilogue (O(P*N)) and the normalization backward (O(M*N*D)) in PyTorch.
+
+class TritonPairwiseNCEFunction(torch.autograd.Function):
+    """Inputs (plan, temperature or None, mask or None, *embeddings); plan as in fastpair._torch_backend.Plan."""
+
+    @staticmethod
+    def forward(ctx, plan, temperature, mask, *embeddings):
+        with torch.autocast(device_type=embeddings[0].device.type, enabled=False):
+            deterministic = torch.are_deterministic_algorithms_enabled()
+            saved = forward(embeddings, plan.scales, plan.pairs, mask, plan.normalize, plan.return_stats,
+                            deterministic)
+            n = embeddings[0].shape[0]
+            lse, diag = saved["lse"], saved["diag"]
+            terms = (lse[0::2] + lse[1::2] - 2.0 * diag[0::2]) * LN2  # (P, N): row + column term per sample
+            if mask is not None:
+                pv = _pair_valid(mask, plan.pairs)
+                terms = torch.where(pv, terms, torch.zeros_like(terms))
+                counts = pv.sum(dim=1).float()
+            else:
+                counts = torch.full((len(plan.pairs),), float(n), device=terms.device)
+            pair_losses = terms.sum(dim=1) / (2.0 * counts.clamp_min(1.0))
+            weights = torch.tensor(plan.weights, dtype=torch.float32, device=terms.device) * (counts > 0)
+            total = weights.sum()
+            loss = (weights * pair_losses).sum() / total.clamp_min(torch.finfo(torch.float32).tiny)
+            accuracy = torch.zeros(len(plan.pairs), 2, dtype=torch.float32, device=terms.device)
+            if plan.return_stats:
+                hits = saved["hits"]
+                accuracy = torch.stack([hits[0::2].sum(dim=1), hits[1::2].sum(dim=1)], dim=1)
+                accuracy = accuracy / counts.clamp_min(1.0)[:, None]
+        ctx.plan = plan
+        ctx.in_dtype = embeddings[0].dtype
+        ctx.num_modalities = len(embeddings)
+        ctx.has_mask = mask is not None
+        ctx.has_temperature = temperature is not None
+        ctx.temperature_meta = (temperature.dtype, temperature.device) if temperature is not None else None
+        ctx.bounded = saved["bounded"]
+        ctx.save_for_backward(saved["z"], saved["rnorm"], saved["valid"], saved["scale2"], saved["lse"],
+                              weights, total, counts)
+        pair_losses = pair_losses.detach()
+        ctx.mark_non_differentiable(pair_losses, accuracy)
+        return loss, pair_losses, accuracy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_pair_losses, _grad_accuracy):
+        plan = ctx.plan
+        z, rnorm, valid, scale2, lse, weights, total, counts = ctx.saved_tensors
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            g = grad_loss.float()
+            coef = (g * weights / (total.clamp_min(torch.finfo(torch.float32).tiny) * 2.0 * counts.clamp_min(1.0)))
+            needs_dt = ctx.has_temperature and ctx.needs_input_grad[1]
+            saved = dict(z=z, rnorm=rnorm, valid=valid, scale2=scale2, lse=lse, bounded=ctx.bounded)
+            dx, sgs = backward(saved, coef.contiguous(), plan.pairs, ctx.num_modalities, ctx.has_mask, needs_dt,
+                               ctx.in_dtype)
+            if plan.normalize:
+                # x = z r, r = 1/max(||z||, eps): dz = r (dx - x <x, dx>) above eps, r dx below
+                x = z.float() * rnorm[..., None]
+                active = (rnorm < 1.0 / NORM_EPS)[..., None]
+                dx = rnorm[..., None] * (dx - x * ((x * dx).sum(dim=-1, keepdim=True) * active))
+            grads = [dx[m].to(ctx.in_dtype) for m in range(ctx.num_modalities)]
+            grad_t = None
+            if needs_dt:
+                scales = torch.tensor(plan.scales, dtype=torch.float32, device=z.device)
+                dt = -scales * LN2 * sgs  # dL/dt = -(1/t) sum G S, S = S2 ln 2
+                dtype, dev = ctx.temperature_meta
+                grad_t = (dt.sum() if plan.temperature_shape == () else dt).to(dtype=dtype, device=dev)
+                grad_t = grad_t.reshape(plan.temperature_shape)
+        return (None, grad_t, None, *grads)
