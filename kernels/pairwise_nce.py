@@ -43,6 +43,8 @@ NORM_EPS = 1e-12
 BOUND = 60.0  # largest 1/t for which exp(S), |S| <= 1/t, is safe in fp32 without a running max
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# "panel" (W panels + cuBLAS GEMMs) or "fused" (FlashAttention-shaped, all in registers); see backward*.
+BACKWARD = os.environ.get("FASTPAIR_TRITON_BACKWARD", "panel")
 
 
 @triton.jit
@@ -202,6 +204,44 @@ def _bwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, partner_ptr, 
     tl.store(out, acc, mask=(offs_m[:, None] < N) & (offs_do[None, :] < D))
 
 
+@triton.jit
+def _grad_panel_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, lse_ptr, w_ptr, sgs_ptr,
+                       p, q, k, row0, rows, N, D, stride_m, stride_n,
+                       HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, NEEDS_DT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       INPUT_PRECISION: tl.constexpr):
+    """One tile of W = diag(r_p) G diag(r_q) / t for the row panel [row0, row0 + rows) of pair k = (p, q).
+
+    G = dL/dS = c_k (P + Q - 2I) from the saved row (2k) and column (2k+1) log2-sum-exp2. The panel then
+    feeds two dense GEMMs on the host: dX_p[panel] r_p = W z_q and dX_q r_q += W^T z_p[panel].
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_panel = offs_m < row0 + rows
+    row_ok = _valid(valid_ptr, p, q, offs_m, N, HAS_MASK) & in_panel
+    col_ok = _valid(valid_ptr, p, q, offs_n, N, HAS_MASK)
+    scale2 = tl.load(scale2_ptr + k)
+    ra = tl.load(rnorm_ptr + p * N + offs_m, mask=offs_m < N, other=0.0)
+    s2, rb = _scaled_tile(z_ptr, rnorm_ptr, p, q, offs_m, offs_n, ra * scale2, N, D, stride_m, stride_n,
+                          BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
+    lse_row = tl.load(lse_ptr + (2 * k) * N + offs_m, mask=row_ok, other=0.0)
+    lse_col = tl.load(lse_ptr + (2 * k + 1) * N + offs_n, mask=col_ok, other=0.0)
+    if BOUNDED:
+        g = tl.exp2(s2) * (tl.exp2(-lse_row)[:, None] + tl.exp2(-lse_col)[None, :])
+    else:
+        g = tl.exp2(s2 - lse_row[:, None]) + tl.exp2(s2 - lse_col[None, :])
+    ok = row_ok[:, None] & col_ok[None, :]
+    g = tl.where(ok, g, 0.0)
+    g = tl.where(ok & (offs_m[:, None] == offs_n[None, :]), g - 2.0, g) * tl.load(coef_ptr + k)
+    if NEEDS_DT:
+        tl.store(sgs_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * s2, axis=1), axis=0))
+    w = g * (ra * (scale2 * 0.6931471805599453))[:, None] * rb[None, :]
+    w_ptrs = w_ptr + (offs_m - row0).to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=in_panel[:, None] & (offs_n[None, :] < N))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Host side: block sizes, launches, epilogues.
 
@@ -211,9 +251,20 @@ def _blocks(n: int, d: int, dtype: torch.dtype, which: str = "fwd") -> dict:
     recomputed once per backward sweep for D <= 256; larger D splits into 256-wide chunks."""
     if INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=32, num_warps=1, num_stages=1)
+    if which == "panel":
+        d_pad = max(16, triton.next_power_of_2(d))
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=min(64, d_pad), num_warps=8, num_stages=3)
     d_pad = max(16, triton.next_power_of_2(d))
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=min(64, d_pad), BLOCK_DO=min(256, d_pad),
-                num_warps=8 if d_pad >= 256 else 4, num_stages=2)
+    bk = min(64, d_pad)
+    if which == "fwd":  # H100, bf16, N=32768 (bench/tune_gpu.py): 128 x 256 tiles at D >= 256, 128 x 128 below
+        if d_pad >= 256:
+            return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=bk, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, num_warps=4, num_stages=3)
+    # fused backward: the (BLOCK_M x BLOCK_DO) fp32 accumulator lives in registers; D > 256 is split into
+    # 256-wide chunks, each of which recomputes the logits (measured faster than a 512-wide accumulator)
+    if d_pad <= 128:
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, BLOCK_DO=d_pad, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, BLOCK_DO=256, num_warps=8, num_stages=3)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -306,6 +357,57 @@ def backward(saved, coef, pairs, num_modalities, has_mask: bool, needs_dt: bool,
     return dx, (sgs.sum(dim=1) if needs_dt else None)
 
 
+PANEL_BYTES = 256 * 2**20  # workspace for one row panel of W (the only O(rows * N) buffer)
+
+
+def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32) += a @ b; 16-bit operands are multiplied by cuBLAS with fp32 accumulation and output."""
+    if a.dtype == torch.float32:
+        out.addmm_(a, b)
+    else:
+        try:  # aten::addmm.dtype (CUDA, recent torch): bf16/fp16 operands, fp32 accumulator, no copies
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        except (RuntimeError, TypeError, NotImplementedError):  # CPU (interpreter) or an older torch
+            out.addmm_(a.float(), b.float())
+
+
+def backward_panels(saved, coef, pairs, num_modalities, has_mask: bool, needs_dt: bool, in_dtype, cfg=None,
+                    panel_rows=None):
+    """Same contract as `backward`, computed as: per pair and row panel, one Triton kernel writes the panel
+    of W = diag(r_p) G diag(r_q) / t (recomputing S), then two GEMMs take it to both gradients. Work per
+    pair: the 4 N x N x D passes of the floor (S forward, S again, dX, dY), plus writing and twice reading
+    W (2 bytes per logit for 16-bit inputs). Deterministic: no atomics, fixed summation order."""
+    z = saved["z"]
+    _, n, d = z.shape
+    device = z.device
+    cfg = cfg or _blocks(n, d, in_dtype, "panel")
+    w_dtype = z.dtype
+    rows = panel_rows or max(cfg["BLOCK_M"], min(n, PANEL_BYTES // (n * z.element_size())))
+    rows = min(n, -(-rows // cfg["BLOCK_M"]) * cfg["BLOCK_M"])
+    w = torch.empty(rows, n, dtype=w_dtype, device=device)
+    dxw = torch.zeros(num_modalities, n, d, dtype=torch.float32, device=device)
+    grid_n = triton.cdiv(n, cfg["BLOCK_N"])
+    sgs = torch.zeros(len(pairs), dtype=torch.float32, device=device)
+    part = torch.zeros(triton.cdiv(rows, cfg["BLOCK_M"]) * grid_n, dtype=torch.float32, device=device)
+    for k, (p, q) in enumerate(pairs):
+        for row0 in range(0, n, rows):
+            r = min(rows, n - row0)
+            _grad_panel_kernel[(triton.cdiv(r, cfg["BLOCK_M"]), grid_n)](
+                z, saved["rnorm"], saved["valid"], saved["scale2"], coef, saved["lse"], w, part,
+                p, q, k, row0, r, n, d, z.stride(0), z.stride(1),
+                HAS_MASK=has_mask, BOUNDED=saved["bounded"], NEEDS_DT=needs_dt,
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                INPUT_PRECISION=_input_precision(in_dtype), num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"],
+            )
+            if needs_dt:
+                sgs[k] += part[: triton.cdiv(r, cfg["BLOCK_M"]) * grid_n].sum()
+            _accumulate(dxw[p, row0:row0 + r], w[:r], z[q])
+            _accumulate(dxw[q], w[:r].T, z[p, row0:row0 + r])
+    dx = dxw / saved["rnorm"][..., None]  # W carries r_p r_q: back to the gradient w.r.t. normalized x
+    return dx, (sgs if needs_dt else None)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Autograd: the loss epilogue (O(P*N)) and the normalization backward (O(M*N*D)) in PyTorch.
 
@@ -359,8 +461,9 @@ class TritonPairwiseNCEFunction(torch.autograd.Function):
             coef = (g * weights / (total.clamp_min(torch.finfo(torch.float32).tiny) * 2.0 * counts.clamp_min(1.0)))
             needs_dt = ctx.has_temperature and ctx.needs_input_grad[1]
             saved = dict(z=z, rnorm=rnorm, valid=valid, scale2=scale2, lse=lse, bounded=ctx.bounded)
-            dx, sgs = backward(saved, coef.contiguous(), plan.pairs, ctx.num_modalities, ctx.has_mask, needs_dt,
-                               ctx.in_dtype)
+            run = backward_panels if BACKWARD == "panel" else backward
+            dx, sgs = run(saved, coef.contiguous(), plan.pairs, ctx.num_modalities, ctx.has_mask, needs_dt,
+                          ctx.in_dtype)
             if plan.normalize:
                 # x = z r, r = 1/max(||z||, eps): dz = r (dx - x <x, dx>) above eps, r dx below
                 x = z.float() * rnorm[..., None]

@@ -206,6 +206,28 @@ def test_deterministic(backend, deterministic_algorithms):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ["fused", "panel-small"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_triton_backward_variants_agree(mode, normalize, monkeypatch):
+    """The fused (registers) backward and the W-panel + GEMM backward, with several panels, give the same."""
+    from conftest import triton_runs
+
+    if not triton_runs():
+        pytest.skip("Triton is not available here")
+    from fastpair.kernels import pairwise_nce as K
+
+    n = small(70, "triton")
+    zs = make_embeddings(3, n, 20, seed=20)
+    mask = torch.rand(3, n, generator=torch.Generator().manual_seed(2)) > 0.2
+    if mode == "fused":
+        monkeypatch.setattr(K, "BACKWARD", "fused")
+    else:
+        monkeypatch.setattr(K, "PANEL_BYTES", 16 * n * 4)  # panels of 16 rows: several per pair
+    t = torch.tensor([0.05, 0.1, 0.003])
+    check_against_reference([(z.detach() * (1.0 if normalize else 0.3)).requires_grad_() for z in zs], "triton",
+                            temperature=t.tolist(), learnable=True, mask=mask, normalize=normalize)
+
+
 def test_triton_atomic_and_deterministic_paths_agree(deterministic_algorithms):
     """The fast path (column sums by atomics) and the atomic-free path compute the same loss and gradients."""
     from conftest import triton_runs
