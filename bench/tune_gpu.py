@@ -22,7 +22,9 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=32768)
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--sections", default="fwd,fused,panel,e2e", help="comma-separated subset to run")
     args = parser.parse_args(argv)
+    sections = set(args.sections.split(","))
     n, d, dtype = args.n, args.d, getattr(torch, args.dtype)
     zs = [torch.randn(n, d, device="cuda", dtype=dtype) for _ in range(3)]
     scales = [1 / 0.07] * 3
@@ -36,6 +38,8 @@ def main(argv=None) -> int:
     fwd_cfgs = [(bm, bn, bk, w, s) for bm, bn, bk, w, s in [
         (128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 256, 32, 8, 4),
         (128, 128, 64, 8, 4)] if bk <= max(16, d)]
+    if "fwd" not in sections:
+        fwd_cfgs = []
     ref = None
     print("forward (atomic fast path): BM BN BK warps stages -> ms, x(3 S-matmuls), max|dlse|")
     for bm, bn, bk, w, s in fwd_cfgs:
@@ -56,7 +60,7 @@ def main(argv=None) -> int:
     bwd_cfgs = [(bm, bn, bk, do, w, s) for bm, bn, bk, do, w, s in [
         (64, 128, 64, 256, 8, 3), (64, 128, 64, 256, 8, 4), (128, 128, 64, 256, 8, 3), (128, 128, 64, 128, 8, 2),
         (64, 64, 64, 512, 8, 2)]
-        if do <= max(16, 1 << (d - 1).bit_length()) and bk <= max(16, d)]
+        if do <= max(16, 1 << (d - 1).bit_length()) and bk <= max(16, d) and "fused" in sections]
     ref = None
     print("backward: BM BN BK BDO warps stages -> ms, x(12 S-sized matmuls = 4x the 3 above), max|ddx|/max|dx|")
     for bm, bn, bk, do, w, s in bwd_cfgs:
@@ -75,9 +79,10 @@ def main(argv=None) -> int:
 
     print("panel backward: BM BN BK warps stages rows -> ms, x(12 S-sized matmuls), max|ddx|/max|dx|")
     ref = None
-    for bm, bn, bk, w, s, rows in [(128, 128, 64, 8, 3, None), (128, 128, 64, 4, 3, None), (128, 256, 64, 8, 3, None),
-                                   (64, 128, 64, 4, 3, None), (256, 128, 64, 8, 3, None), (128, 128, 64, 8, 3, 1024),
-                                   (128, 128, 64, 8, 3, 8192)]:
+    panel_cfgs = [(128, 128, 64, 8, 3, None), (128, 128, 64, 4, 3, None), (128, 256, 64, 8, 3, None),
+                  (64, 128, 64, 4, 3, None), (256, 128, 64, 8, 3, None), (128, 128, 64, 8, 3, 1024),
+                  (128, 128, 64, 8, 3, 8192)] if "panel" in sections else []
+    for bm, bn, bk, w, s, rows in panel_cfgs:
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, max(16, d)), num_warps=w, num_stages=s)
         try:
             dx, _ = K.backward_panels(saved, coef, PAIRS, 3, False, False, dtype, cfg=cfg, panel_rows=rows)
@@ -101,7 +106,7 @@ def main(argv=None) -> int:
             z.grad = None
         pairwise_nce(*leaves, backend="triton").backward()
 
-    for mode in ("panel", "fused"):
+    for mode in ("panel", "fused") if "e2e" in sections else ():
         K.BACKWARD = mode
         ms = do_bench(step, warmup=20, rep=100, return_mode="median")
         print(f"end to end, backward={mode}: {ms:.3f} ms = {ms / (4 * floor):.2f}x the 12-GEMM floor", flush=True)

@@ -205,8 +205,8 @@ def _bwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, partner_ptr, 
 
 
 @triton.jit
-def _grad_panel_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, lse_ptr, w_ptr, sgs_ptr,
-                       p, q, k, row0, rows, N, D, stride_m, stride_n,
+def _grad_panel_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, lse_ptr, w_ptr, sgs_ptr, pair_ptr,
+                       k, row0, rows, N, D, stride_m, stride_n,
                        HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, NEEDS_DT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        INPUT_PRECISION: tl.constexpr):
@@ -217,6 +217,8 @@ def _grad_panel_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, lse_pt
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    p = tl.load(pair_ptr + 2 * k)  # loaded, not passed: Triton turns integer arguments 0 and 1 into constants
+    q = tl.load(pair_ptr + 2 * k + 1)
     offs_m = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     in_panel = offs_m < row0 + rows
@@ -389,12 +391,13 @@ def backward_panels(saved, coef, pairs, num_modalities, has_mask: bool, needs_dt
     grid_n = triton.cdiv(n, cfg["BLOCK_N"])
     sgs = torch.zeros(len(pairs), dtype=torch.float32, device=device)
     part = torch.zeros(triton.cdiv(rows, cfg["BLOCK_M"]) * grid_n, dtype=torch.float32, device=device)
+    pair_table = torch.tensor(pairs, dtype=torch.int32, device=device)
     for k, (p, q) in enumerate(pairs):
         for row0 in range(0, n, rows):
             r = min(rows, n - row0)
             _grad_panel_kernel[(triton.cdiv(r, cfg["BLOCK_M"]), grid_n)](
-                z, saved["rnorm"], saved["valid"], saved["scale2"], coef, saved["lse"], w, part,
-                p, q, k, row0, r, n, d, z.stride(0), z.stride(1),
+                z, saved["rnorm"], saved["valid"], saved["scale2"], coef, saved["lse"], w, part, pair_table,
+                k, row0, r, n, d, z.stride(0), z.stride(1),
                 HAS_MASK=has_mask, BOUNDED=saved["bounded"], NEEDS_DT=needs_dt,
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
                 INPUT_PRECISION=_input_precision(in_dtype), num_warps=cfg["num_warps"],
