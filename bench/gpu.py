@@ -23,13 +23,15 @@ import math
 import os
 import time
 
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS under deterministic algorithms
 
-import fastpair
-from bench.report import slug, write_results
-from fastpair import pairwise_nce
-from fastpair.reference import pairwise_nce_reference
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fastpair  # noqa: E402
+from bench.report import slug, write_results  # noqa: E402
+from fastpair import pairwise_nce  # noqa: E402
+from fastpair.reference import pairwise_nce_reference  # noqa: E402
 
 T = 0.07
 M = 3
@@ -136,12 +138,12 @@ def time_provider(fn, n, d, dtype, modes):
     out["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     out["inputs_grads_mib"] = 2 * sum(z.numel() * z.element_size() for z in zs) / 2**20
     if "full" in modes:
-        out["full_ms"] = do_bench(full, warmup=10, rep=60, return_mode="median")
+        out["full_ms"] = do_bench(full, warmup=5, rep=40, return_mode="median")
     if "forward" in modes:
-        out["forward_ms"] = do_bench(lambda: fn(zs), warmup=10, rep=60, return_mode="median")
+        out["forward_ms"] = do_bench(lambda: fn(zs), warmup=5, rep=40, return_mode="median")
     if "backward" in modes:
         loss = fn(zs)
-        out["backward_ms"] = do_bench(lambda: loss.backward(retain_graph=True), warmup=10, rep=60,
+        out["backward_ms"] = do_bench(lambda: loss.backward(retain_graph=True), warmup=5, rep=40,
                                       grad_to_none=zs, return_mode="median")
     return out
 
@@ -167,10 +169,14 @@ def run(shapes, dtypes, modes, budget_s, only=None):
                     if key in failed:
                         continue
                     det = fn == "deterministic"
+                    if name == "fastpair-torch" and n > 16384:
+                        continue  # the blocked PyTorch path is the CPU backend; its GPU cost is clear by then
+                    own_modes = modes if name in ("fastpair-triton", "fastpair-triton-det", "plain-pytorch") \
+                        else ("full",)
                     try:
                         torch.use_deterministic_algorithms(det, warn_only=False)
                         call = providers["fastpair-triton"] if det else fn
-                        res = time_provider(call, n, d, dtype, modes)
+                        res = time_provider(call, n, d, dtype, own_modes)
                     except torch.cuda.OutOfMemoryError:
                         failed[key] = f"oom at N={n}"
                         res = None
@@ -192,12 +198,37 @@ def run(shapes, dtypes, modes, budget_s, only=None):
     return rows, skipped, failed
 
 
+def largest_batch(n: int = 2**20, d: int = 512) -> dict:
+    """One full step of fastpair-triton at N = 2^20, D = 512, bf16: does it fit, how long, how much memory."""
+    zs = inputs(n, d, torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    try:
+        pairwise_nce(*zs, temperature=T, backend="triton").backward()
+        torch.cuda.synchronize()
+    except torch.cuda.OutOfMemoryError as err:
+        return dict(provider="fastpair-triton", n=n, d=d, dtype="bfloat16", largest="oom", error=str(err)[:200])
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    print(f"N=2^20 D={d} bf16 fastpair-triton: one step {seconds:.1f} s (incl. compile), peak {peak:.0f} MiB above "
+          f"the inputs, total {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+    return dict(provider="fastpair-triton", n=n, d=d, dtype="bfloat16", largest="fits", step_s=seconds,
+                peak_mib=peak, total_gib=torch.cuda.max_memory_allocated() / 2**30)
+
+
 def markdown(result) -> str:
     meta = result["meta"]
     lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, fastpair {meta['fastpair']}, "
              f"{meta['date']}; M=3, fwd+bwd unless noted; medians of triton.testing.do_bench", ""]
     groups = {}
     for r in result["rows"]:
+        if "largest" in r:
+            lines += [f"N = 2^20, D = {r['d']}, bf16, fastpair-triton: {r['largest']}"
+                      + (f", one full step {r['step_s']:.1f} s (first call, compilation included), "
+                         f"{r['total_gib']:.1f} GiB peak on the device" if r["largest"] == "fits" else ""), ""]
+            continue
         groups.setdefault((r["dtype"], r["d"]), []).append(r)
     for (dtype, d), rows in groups.items():
         providers = []
@@ -246,10 +277,10 @@ def plot(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["dtype"], r["d"]) for r in result["rows"]})
+    groups = sorted({(r["dtype"], r["d"]) for r in result["rows"] if "largest" not in r})
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, (dtype, d) in zip(axes[0], groups):
-        rows = [r for r in result["rows"] if r["dtype"] == dtype and r["d"] == d]
+        rows = [r for r in result["rows"] if r["dtype"] == dtype and r["d"] == d and "largest" not in r]
         for p in dict.fromkeys(r["provider"] for r in rows):
             pts = sorted((r["n"], r["full_ms"]) for r in rows if r["provider"] == p and "full_ms" in r)
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p,
@@ -278,12 +309,22 @@ def main(argv=None) -> int:
         raise SystemExit("bench.gpu needs a CUDA device")
     import triton
 
+    modes = ("full", "forward", "backward")
     if args.quick:
-        shapes, dtypes, modes = [(512, [4096, 32768])], ["bfloat16"], ("full", "forward", "backward")
+        plan = [("bfloat16", [(512, [4096, 32768])])]
     else:
-        shapes = [(512, [1024, 4096, 16384, 32768, 65536]), (128, [4096, 32768]), (1024, [4096, 32768])]
-        dtypes, modes = ["bfloat16", "float32"], ("full", "forward", "backward")
-    rows, skipped, failed = run(shapes, dtypes, modes, args.budget_s, args.only)
+        plan = [("bfloat16", [(512, [1024, 4096, 16384, 32768, 65536]), (128, [4096, 32768]), (1024, [4096, 32768])]),
+                ("float32", [(512, [4096, 32768])])]
+    rows, skipped, failed = [], {}, {}
+    start = time.perf_counter()
+    for dtype_name, shapes in plan:
+        left = args.budget_s - (time.perf_counter() - start)
+        r, s, f = run(shapes, [dtype_name], modes, left, args.only)
+        rows += r
+        skipped.update(s)
+        failed.update(f)
+    if not args.quick:
+        rows.append(largest_batch())
     device = torch.cuda.get_device_name()
     result = dict(meta=dict(device=device, torch=torch.__version__, triton=triton.__version__,
                             fastpair=fastpair.__version__, date=datetime.date.today().isoformat()),

@@ -244,6 +244,33 @@ def _grad_panel_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, lse_pt
     tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=in_panel[:, None] & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _input_grad_kernel(dx_ptr, z_ptr, rnorm_ptr, out_ptr, N, D,
+                       NORMALIZE: tl.constexpr, SCALED: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    """dL/dz from dL/dx in one pass over rows of (M*N, D), written in the input dtype.
+
+    SCALED: dx holds dL/dx * r (the panel backward's W carries r = 1/n), so dx = dx_ptr / r.
+    NORMALIZE: x = z / n, n = max(||z||, eps): dz = (dx - x <x, dx>) / n above eps, dx / n below;
+    x by division, as F.normalize does (so x = +-1 exactly for D = 1, where dz is exactly 0).
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    inside = (rows[:, None] < N) & (cols[None, :] < D)
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    dx = tl.load(dx_ptr + offs, mask=inside, other=0.0)
+    r = tl.load(rnorm_ptr + rows, mask=rows < N, other=1.0)
+    if SCALED:
+        dx = dx / r[:, None]
+    if NORMALIZE:
+        z = tl.load(z_ptr + offs, mask=inside, other=0.0).to(tl.float32)
+        norm = tl.maximum(tl.sqrt(tl.sum(z * z, axis=1)), 1e-12)
+        x = z / norm[:, None]
+        dot = tl.where(norm > 1e-12, tl.sum(x * dx, axis=1), 0.0)
+        dx = (dx - x * dot[:, None]) / norm[:, None]
+    tl.store(out_ptr + offs, dx.to(out_ptr.dtype.element_ty), mask=inside)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Host side: block sizes, launches, epilogues.
 
@@ -255,7 +282,8 @@ def _blocks(n: int, d: int, dtype: torch.dtype, which: str = "fwd") -> dict:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=32, num_warps=1, num_stages=1)
     if which == "panel":
         d_pad = max(16, triton.next_power_of_2(d))
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=min(64, d_pad), num_warps=8, num_stages=3)
+        # H100 bf16 N=32768: 20.7 ms at D=512, 11.0 ms at D=128 (both about the 12 S-sized GEMMs' time)
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=min(64, d_pad), num_warps=4, num_stages=3)
     d_pad = max(16, triton.next_power_of_2(d))
     bk = min(64, d_pad)
     if which == "fwd":  # H100, bf16, N=32768 (bench/tune_gpu.py): 128 x 256 tiles at D >= 256, 128 x 128 below
@@ -375,10 +403,13 @@ def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def backward_panels(saved, coef, pairs, num_modalities, has_mask: bool, needs_dt: bool, in_dtype, cfg=None,
                     panel_rows=None):
-    """Same contract as `backward`, computed as: per pair and row panel, one Triton kernel writes the panel
-    of W = diag(r_p) G diag(r_q) / t (recomputing S), then two GEMMs take it to both gradients. Work per
-    pair: the 4 N x N x D passes of the floor (S forward, S again, dX, dY), plus writing and twice reading
-    W (2 bytes per logit for 16-bit inputs). Deterministic: no atomics, fixed summation order."""
+    """Like `backward`, but returns dL/dx times r = 1/max(||z||, eps) per row (fp32, (M, N, D)).
+
+    Per pair and row panel, one Triton kernel writes the panel of W = diag(r_p) G diag(r_q) / t
+    (recomputing S), then two GEMMs take it to both gradients. Work per pair: the 4 N x N x D passes of
+    the floor (S forward, S again, dX, dY), plus writing and twice reading W (2 bytes per logit for
+    16-bit inputs). Deterministic: no atomics, fixed summation order (cuBLAS needs
+    CUBLAS_WORKSPACE_CONFIG under torch.use_deterministic_algorithms, as PyTorch says)."""
     z = saved["z"]
     _, n, d = z.shape
     device = z.device
@@ -407,8 +438,20 @@ def backward_panels(saved, coef, pairs, num_modalities, has_mask: bool, needs_dt
                 sgs[k] += part[: triton.cdiv(r, cfg["BLOCK_M"]) * grid_n].sum()
             _accumulate(dxw[p, row0:row0 + r], w[:r], z[q])
             _accumulate(dxw[q], w[:r].T, z[p, row0:row0 + r])
-    dx = dxw / saved["rnorm"][..., None]  # W carries r_p r_q: back to the gradient w.r.t. normalized x
-    return dx, (sgs if needs_dt else None)
+    return dxw, (sgs if needs_dt else None)  # dL/dx * r: W carries r_p r_q
+
+
+def input_grads(dx, z, rnorm, normalize: bool, scaled: bool, in_dtype):
+    """dL/dz (M, N, D) in the input dtype from dL/dx (or dL/dx * r when scaled), one fused pass."""
+    m, n, d = z.shape
+    out = torch.empty(m, n, d, dtype=in_dtype, device=z.device)
+    block_d = max(16, triton.next_power_of_2(d))
+    block_r = 16 if INTERPRET else max(1, min(64, 8192 // block_d))
+    _input_grad_kernel[(triton.cdiv(m * n, block_r),)](
+        dx, z, rnorm, out, m * n, d, NORMALIZE=normalize, SCALED=scaled, BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -467,12 +510,7 @@ class TritonPairwiseNCEFunction(torch.autograd.Function):
             run = backward_panels if BACKWARD == "panel" else backward
             dx, sgs = run(saved, coef.contiguous(), plan.pairs, ctx.num_modalities, ctx.has_mask, needs_dt,
                           ctx.in_dtype)
-            if plan.normalize:
-                # x = z r, r = 1/max(||z||, eps): dz = r (dx - x <x, dx>) above eps, r dx below
-                x = z.float() * rnorm[..., None]
-                active = (rnorm < 1.0 / NORM_EPS)[..., None]
-                dx = rnorm[..., None] * (dx - x * ((x * dx).sum(dim=-1, keepdim=True) * active))
-            grads = [dx[m].to(ctx.in_dtype) for m in range(ctx.num_modalities)]
+            grads = input_grads(dx, z, rnorm, plan.normalize, run is backward_panels, ctx.in_dtype).unbind(0)
             grad_t = None
             if needs_dt:
                 scales = torch.tensor(plan.scales, dtype=torch.float32, device=z.device)

@@ -9,6 +9,8 @@ import torch
 # Without a GPU the Triton kernels run in Triton's interpreter, which must be chosen before they are imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# torch.use_deterministic_algorithms(True) refuses cuBLAS without this (the Triton backward calls cuBLAS).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest  # noqa: E402
 
