@@ -40,10 +40,11 @@ lint: $(STAMP)
 # On a CUDA machine, with the Python that holds its CUDA build of torch (no venv, no downloads): the whole
 # test suite (Triton tests run on the GPU there), then the GPU benchmark into bench/results/.
 GPU_PYTHON ?= python3
+GPU_BENCH_ARGS ?=
 gpu-check:
 	$(GPU_PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(GPU_PYTHON) -m pytest tests -q -p no:cacheprovider
-	$(GPU_PYTHON) -m bench.gpu
+	$(GPU_PYTHON) -m bench.gpu $(GPU_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .benchmarks build *.egg-info
