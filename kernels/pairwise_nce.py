@@ -261,13 +261,14 @@ def _input_grad_kernel(dx_ptr, z_ptr, rnorm_ptr, out_ptr, N, D,
     dx = tl.load(dx_ptr + offs, mask=inside, other=0.0)
     r = tl.load(rnorm_ptr + rows, mask=rows < N, other=1.0)
     if SCALED:
-        dx = dx / r[:, None]
+        dx = tl.div_rn(dx, r[:, None])
     if NORMALIZE:
         z = tl.load(z_ptr + offs, mask=inside, other=0.0).to(tl.float32)
-        norm = tl.maximum(tl.sqrt(tl.sum(z * z, axis=1)), 1e-12)
-        x = z / norm[:, None]
+        # IEEE sqrt and division (Triton's defaults are approximate): x = +-1 exactly when D = 1
+        norm = tl.maximum(tl.sqrt_rn(tl.sum(z * z, axis=1)), 1e-12)
+        x = tl.div_rn(z, norm[:, None])
         dot = tl.where(norm > 1e-12, tl.sum(x * dx, axis=1), 0.0)
-        dx = (dx - x * dot[:, None]) / norm[:, None]
+        dx = tl.div_rn(dx - x * dot[:, None], norm[:, None])
     tl.store(out_ptr + offs, dx.to(out_ptr.dtype.element_ty), mask=inside)
 
 
