@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _torch_backend
+from . import kernels as _kernels
 from ._torch_backend import PairwiseNCEFunction, Plan
 
 BACKENDS = ("auto", "torch", "triton")
@@ -53,8 +54,21 @@ def _check_embeddings(embeddings) -> None:
         raise ValueError("the embedding dimension is 0 (D = 0); pairwise_nce needs D >= 1")
 
 
-def _host_values(name: str, value, count: int, allow_scalar: bool) -> tuple[list[float], tuple[int, ...]]:
-    """Read a float, a sequence or a small tensor into host floats; returns (values, tensor shape)."""
+def tensor_values(value: torch.Tensor, count: int) -> list[float]:
+    """A small parameter tensor's values on the host (one sync), repeated to `count` if it is 0-d."""
+    values = value.detach().to("cpu", torch.float64).reshape(-1).tolist()
+    return values * (count if value.dim() == 0 else 1)
+
+
+def check_temperatures(temps: list[float]) -> None:
+    for t in temps:
+        if not (math.isfinite(t) and t > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {temps if len(set(temps)) > 1 else t}")
+
+
+def _host_values(name: str, value, count: int, allow_scalar: bool, read_tensor: bool = True):
+    """Read a float, a sequence or a small tensor into host floats; returns (values, tensor shape).
+    With read_tensor=False a tensor's type and shape are checked but its values are not read (None)."""
     if isinstance(value, torch.Tensor):
         if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
@@ -66,8 +80,9 @@ def _host_values(name: str, value, count: int, allow_scalar: bool) -> tuple[list
             expected = "a 0-d tensor or " if allow_scalar else ""
             raise ValueError(f"{name} must be {expected}a 1-d tensor with one entry per pair ({count}), "
                              f"got shape {tuple(value.shape)}")
-        values = value.detach().to("cpu", torch.float64).reshape(-1).tolist()  # small parameter: one sync
-        return values * (count if shape == () else 1), shape
+        if not read_tensor:
+            return None, shape
+        return tensor_values(value, count), shape
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got bool")
     if isinstance(value, numbers.Real):
@@ -107,26 +122,24 @@ def _world_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def _triton_available() -> bool:
-    from .kernels import available
+_TRITON = _kernels.available()  # decided once at import (no import work inside a compiled region)
 
-    return available()
+
+def _triton_available() -> bool:
+    return _TRITON
 
 
 def _check_triton(z: torch.Tensor) -> None:
-    from .kernels import available, interpreter
-
     if z.dtype == torch.float64:
         raise TypeError("backend='triton' takes float32, float16 or bfloat16 inputs; float64 runs on "
                         "backend='torch' (which backend='auto' picks for it)")
-    if not available():
+    if not _TRITON:
         raise RuntimeError("backend='triton' needs Triton, which is not importable here; use backend='torch'")
-    if z.device.type != "cuda" and not interpreter():
+    if z.device.type != "cuda" and not _kernels.interpreter():
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import for CPU "
                          f"tensors), got tensors on {z.device}; use backend='torch' or 'auto'")
 
 
-@torch.compiler.disable  # runs eagerly inside a compiled step: host-side validation and a blocked loop
 def pairwise_nce(
     *embeddings: torch.Tensor,
     temperature=0.07,
@@ -172,12 +185,13 @@ def pairwise_nce(
     pairs = modality_pairs(num_modalities)
     num_pairs = len(pairs)
 
-    temps, temp_shape = _host_values("temperature", temperature, num_pairs, allow_scalar=True)
+    # A temperature tensor's values are read (and checked) by the backend: the Triton path does it inside
+    # its custom op, so that a torch.compile'd step traces through this function without a graph break.
+    temps, temp_shape = _host_values("temperature", temperature, num_pairs, allow_scalar=True, read_tensor=False)
     if isinstance(temperature, torch.Tensor) and not temperature.is_floating_point():
         raise TypeError(f"temperature tensor must be floating point, got {temperature.dtype}")
-    for t in temps:
-        if not (math.isfinite(t) and t > 0):
-            raise ValueError(f"temperature must be finite and > 0, got {temps if len(set(temps)) > 1 else t}")
+    if temps is not None:
+        check_temperatures(temps)
 
     if weights is None:
         ws = [1.0] * num_pairs
@@ -210,6 +224,26 @@ def pairwise_nce(
     elif backend == "auto" and device.type == "cuda" and embeddings[0].dtype != torch.float64:
         use_triton = _triton_available()
 
+    if use_triton:
+        from .kernels.pairwise_nce import pairwise_nce_triton
+
+        loss, pair_losses, accuracy = pairwise_nce_triton(
+            list(embeddings), temperature, num_pairs, ws, mask, normalize, return_stats
+        )
+    else:
+        loss, pair_losses, accuracy = _torch_path(
+            embeddings, temperature, temps, temp_shape, pairs, ws, mask, normalize, return_stats, block_size
+        )
+    if return_stats:
+        return loss, {"pair_losses": pair_losses, "pair_accuracy": accuracy}
+    return loss
+
+
+@torch.compiler.disable  # runs eagerly inside a compiled step: a host-side plan and a blocked Python loop
+def _torch_path(embeddings, temperature, temps, temp_shape, pairs, ws, mask, normalize, return_stats, block_size):
+    if temps is None:
+        temps = tensor_values(temperature, len(pairs))
+        check_temperatures(temps)
     temp_tensor = temperature if isinstance(temperature, torch.Tensor) and temperature.requires_grad else None
     plan = Plan(
         pairs=tuple(pairs),
@@ -217,15 +251,7 @@ def pairwise_nce(
         weights=tuple(ws),
         normalize=normalize,
         return_stats=return_stats,
-        block=block_size or _torch_backend.default_block(n),
+        block=block_size or _torch_backend.default_block(embeddings[0].shape[0]),
         temperature_shape=temp_shape if temp_tensor is not None else None,
     )
-    if use_triton:
-        from .kernels.pairwise_nce import TritonPairwiseNCEFunction as function
-    else:
-        function = PairwiseNCEFunction
-    loss, pair_losses, accuracy = function.apply(plan, temp_tensor, mask, *embeddings)
-    if return_stats:
-        return loss, {"pair_losses": pair_losses, "pair_accuracy": accuracy}
-    return loss
-
+    return PairwiseNCEFunction.apply(plan, temp_tensor, mask, *embeddings)

@@ -31,6 +31,7 @@ int64 offsets. The gradient is accumulated in an fp32 (M, N, D) buffer.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -456,67 +457,128 @@ def input_grads(dx, z, rnorm, normalize: bool, scaled: bool, in_dtype):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Autograd: the loss epilogue (O(P*N)) and the normalization backward (O(M*N*D)) in PyTorch.
+# torch.library custom ops: opaque to torch.compile (a compiled step keeps one graph), each with a fake
+# implementation for tracing. The loss epilogue (O(P*N)) runs in PyTorch inside the forward op.
 
-class TritonPairwiseNCEFunction(torch.autograd.Function):
-    """Inputs (plan, temperature or None, mask or None, *embeddings); plan as in fastpair._torch_backend.Plan."""
+def _pairs(m: int):
+    return list(itertools.combinations(range(m), 2))
 
-    @staticmethod
-    def forward(ctx, plan, temperature, mask, *embeddings):
-        with torch.autocast(device_type=embeddings[0].device.type, enabled=False):
-            deterministic = torch.are_deterministic_algorithms_enabled()
-            saved = forward(embeddings, plan.scales, plan.pairs, mask, plan.normalize, plan.return_stats,
-                            deterministic)
-            n = embeddings[0].shape[0]
-            lse, diag = saved["lse"], saved["diag"]
-            terms = (lse[0::2] + lse[1::2] - 2.0 * diag[0::2]) * LN2  # (P, N): row + column term per sample
-            if mask is not None:
-                pv = _pair_valid(mask, plan.pairs)
-                terms = torch.where(pv, terms, torch.zeros_like(terms))
-                counts = pv.sum(dim=1).float()
-            else:
-                counts = torch.full((len(plan.pairs),), float(n), device=terms.device)
-            pair_losses = terms.sum(dim=1) / (2.0 * counts.clamp_min(1.0))
-            weights = torch.tensor(plan.weights, dtype=torch.float32, device=terms.device) * (counts > 0)
-            total = weights.sum()
-            loss = (weights * pair_losses).sum() / total.clamp_min(torch.finfo(torch.float32).tiny)
-            accuracy = torch.zeros(len(plan.pairs), 2, dtype=torch.float32, device=terms.device)
-            if plan.return_stats:
-                hits = saved["hits"]
-                accuracy = torch.stack([hits[0::2].sum(dim=1), hits[1::2].sum(dim=1)], dim=1)
-                accuracy = accuracy / counts.clamp_min(1.0)[:, None]
-        ctx.plan = plan
-        ctx.in_dtype = embeddings[0].dtype
-        ctx.num_modalities = len(embeddings)
-        ctx.has_mask = mask is not None
-        ctx.has_temperature = temperature is not None
-        ctx.temperature_meta = (temperature.dtype, temperature.device) if temperature is not None else None
-        ctx.bounded = saved["bounded"]
-        ctx.save_for_backward(saved["z"], saved["rnorm"], saved["valid"], saved["scale2"], saved["lse"],
-                              weights, total, counts)
-        pair_losses = pair_losses.detach()
-        ctx.mark_non_differentiable(pair_losses, accuracy)
-        return loss, pair_losses, accuracy
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_pair_losses, _grad_accuracy):
-        plan = ctx.plan
-        z, rnorm, valid, scale2, lse, weights, total, counts = ctx.saved_tensors
-        with torch.autocast(device_type=z.device.type, enabled=False):
-            g = grad_loss.float()
-            coef = (g * weights / (total.clamp_min(torch.finfo(torch.float32).tiny) * 2.0 * counts.clamp_min(1.0)))
-            needs_dt = ctx.has_temperature and ctx.needs_input_grad[1]
-            saved = dict(z=z, rnorm=rnorm, valid=valid, scale2=scale2, lse=lse, bounded=ctx.bounded)
-            run = backward_panels if BACKWARD == "panel" else backward
-            dx, sgs = run(saved, coef.contiguous(), plan.pairs, ctx.num_modalities, ctx.has_mask, needs_dt,
-                          ctx.in_dtype)
-            grads = input_grads(dx, z, rnorm, plan.normalize, run is backward_panels, ctx.in_dtype).unbind(0)
-            grad_t = None
-            if needs_dt:
-                scales = torch.tensor(plan.scales, dtype=torch.float32, device=z.device)
-                dt = -scales * LN2 * sgs  # dL/dt = -(1/t) sum G S, S = S2 ln 2
-                dtype, dev = ctx.temperature_meta
-                grad_t = (dt.sum() if plan.temperature_shape == () else dt).to(dtype=dtype, device=dev)
-                grad_t = grad_t.reshape(plan.temperature_shape)
-        return (None, grad_t, None, *grads)
+def _temperatures(temperature: torch.Tensor) -> list[float]:
+    """The (P,) temperatures on the host (one small sync), checked as the public function would."""
+    from fastpair.loss import check_temperatures, tensor_values
+
+    values = tensor_values(temperature, temperature.numel())
+    check_temperatures(values)
+    return values
+
+
+@torch.library.custom_op("fastpair::pairwise_nce_fwd", mutates_args=())
+def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, mask: torch.Tensor | None,
+                     weights: list[float], normalize: bool, stats: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns loss, pair_losses (P,), accuracy (P, 2), lse2 (2P, N), r (M, N), coef (P,) = w / (W 2 n)."""
+    pairs = _pairs(len(zs))
+    scales = [1.0 / t for t in _temperatures(temperature)]
+    n = zs[0].shape[0]
+    with torch.autocast(device_type=zs[0].device.type, enabled=False):
+        saved = forward(zs, scales, pairs, mask, normalize, stats, torch.are_deterministic_algorithms_enabled())
+        lse, diag = saved["lse"], saved["diag"]
+        terms = (lse[0::2] + lse[1::2] - 2.0 * diag[0::2]) * LN2  # (P, N): row + column term per sample
+        if mask is not None:
+            pv = _pair_valid(mask, pairs)
+            terms = torch.where(pv, terms, torch.zeros_like(terms))
+            counts = pv.sum(dim=1).float()
+        else:
+            counts = torch.full((len(pairs),), float(n), device=terms.device)
+        pair_losses = terms.sum(dim=1) / (2.0 * counts.clamp_min(1.0))
+        w = torch.tensor(weights, dtype=torch.float32, device=terms.device) * (counts > 0)
+        total = w.sum().clamp_min(torch.finfo(torch.float32).tiny)
+        loss = (w * pair_losses).sum() / total
+        accuracy = torch.zeros(len(pairs), 2, dtype=torch.float32, device=terms.device)
+        if stats:
+            hits = saved["hits"]
+            accuracy = torch.stack([hits[0::2].sum(dim=1), hits[1::2].sum(dim=1)], dim=1)
+            accuracy = accuracy / counts.clamp_min(1.0)[:, None]
+        coef = w / (total * 2.0 * counts.clamp_min(1.0))
+    return loss, pair_losses, accuracy, lse.contiguous(), saved["rnorm"], coef
+
+
+@pairwise_nce_fwd.register_fake
+def _(zs, temperature, mask, weights, normalize, stats):
+    m, n = len(zs), zs[0].shape[0]
+    p = m * (m - 1) // 2
+
+    def f32(*shape):
+        return zs[0].new_empty(shape, dtype=torch.float32)
+
+    return f32(), f32(p), f32(p, 2), f32(2 * p, n), f32(m, n), f32(p)
+
+
+@torch.library.custom_op("fastpair::pairwise_nce_bwd", mutates_args=())
+def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: torch.Tensor,
+                     mask: torch.Tensor | None, lse: torch.Tensor, rnorm: torch.Tensor, coef: torch.Tensor,
+                     normalize: bool, needs_dt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns dL/dz stacked (M, N, D) in the input dtype and dL/dt (P,) (zeros when not needed)."""
+    pairs = _pairs(len(zs))
+    scales = [1.0 / t for t in _temperatures(temperature)]
+    in_dtype = zs[0].dtype
+    with torch.autocast(device_type=zs[0].device.type, enabled=False):
+        z = torch.stack([t.contiguous() for t in zs])
+        if INTERPRET and z.dtype == torch.bfloat16:
+            z = z.float()  # as in forward()
+        valid = (mask.to(torch.int8).contiguous() if mask is not None
+                 else torch.empty(1, dtype=torch.int8, device=z.device))
+        scale2 = torch.tensor([s * LOG2E for s in scales], dtype=torch.float32, device=z.device)
+        saved = dict(z=z, rnorm=rnorm, valid=valid, scale2=scale2, lse=lse,
+                     bounded=normalize and max(scales) <= BOUND)
+        run = backward_panels if BACKWARD == "panel" else backward
+        dx, sgs = run(saved, (grad.float() * coef).contiguous(), pairs, len(zs), mask is not None, needs_dt,
+                      in_dtype)
+        grads = input_grads(dx, z, rnorm, normalize, run is backward_panels, in_dtype)
+        if needs_dt:  # dL/dt = -(1/t) sum G S, S = S2 ln 2
+            dt = -torch.tensor(scales, dtype=torch.float32, device=z.device) * LN2 * sgs
+        else:
+            dt = torch.zeros(len(pairs), dtype=torch.float32, device=z.device)
+    return grads, dt
+
+
+@pairwise_nce_bwd.register_fake
+def _(grad, zs, temperature, mask, lse, rnorm, coef, normalize, needs_dt):
+    m, (n, d) = len(zs), zs[0].shape
+    return zs[0].new_empty((m, n, d)), zs[0].new_empty((m * (m - 1) // 2,), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    zs, temperature, mask, weights, normalize, stats = inputs
+    _, pair_losses, accuracy, lse, rnorm, coef = output
+    ctx.save_for_backward(temperature, lse, rnorm, coef, *zs)
+    ctx.mask = mask
+    ctx.normalize = normalize
+    ctx.needs_dt = temperature.requires_grad
+    ctx.mark_non_differentiable(pair_losses, accuracy, lse, rnorm, coef)
+
+
+def _backward(ctx, grad_loss, *_unused):
+    temperature, lse, rnorm, coef, *zs = ctx.saved_tensors
+    grads, dt = pairwise_nce_bwd(grad_loss, zs, temperature, ctx.mask, lse, rnorm, coef, ctx.normalize,
+                                 ctx.needs_dt)
+    return list(grads.unbind(0)), (dt if ctx.needs_dt else None), None, None, None, None
+
+
+pairwise_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def pairwise_nce_triton(zs, temperature, num_pairs: int, weights, mask, normalize: bool, stats: bool):
+    """Loss, pair losses and accuracy through the custom ops. temperature: a float, a sequence of floats or
+    a 0-d / (P,) tensor (its gradient flows); its values are checked inside the op."""
+    device = zs[0].device
+    if isinstance(temperature, torch.Tensor):
+        t = temperature.to(device=device, dtype=torch.float32).reshape(-1)
+        t = t.expand(num_pairs).contiguous() if t.numel() == 1 else t
+    elif isinstance(temperature, (int, float)):
+        t = torch.full((num_pairs,), float(temperature), dtype=torch.float32, device=device)
+    else:
+        t = torch.tensor([float(v) for v in temperature], dtype=torch.float32, device=device)
+    loss, pair_losses, accuracy, *_ = pairwise_nce_fwd(zs, t, mask, [float(w) for w in weights], normalize, stats)
+    return loss, pair_losses, accuracy

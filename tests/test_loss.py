@@ -332,27 +332,50 @@ def test_autocast_keeps_fp32_statistics(backend):
     assert loss.dtype == torch.float32 and lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
 
 
-def test_inside_torch_compile_training_step():
+def test_inside_torch_compile_training_step(backend):
+    """A compiled training step gives the eager loss and gradients. The Triton path is a pair of
+    torch.library custom ops, so the step compiles as one graph (fullgraph=True); the torch backend runs
+    eagerly inside it (one graph break)."""
+    torch._dynamo.reset()
+    dev = device_for(backend)
     torch.manual_seed(0)
-    enc = torch.nn.ModuleList([torch.nn.Linear(8, 16) for _ in range(3)])
-    inputs = [randn(32, 8, seed=k) for k in range(3)]
-    t = torch.tensor(0.1, requires_grad=True)
+    enc = torch.nn.ModuleList([torch.nn.Linear(8, 16) for _ in range(3)]).to(dev)
+    inputs = [randn(32, 8, seed=k, device=dev) for k in range(3)]
+    t = torch.tensor(0.1, requires_grad=True, device=dev)
+    mask = torch.ones(3, 32, dtype=torch.bool, device=dev)
+    mask[1, :4] = False
 
     def step(*xs):
         feats = [e(x).relu() for e, x in zip(enc, xs)]
-        return pairwise_nce(*feats, temperature=t)
+        return pairwise_nce(*feats, temperature=t, mask=mask, backend=backend)
 
     eager = step(*inputs)
     eager.backward()
     eager_grads = [p.grad.clone() for p in enc.parameters()] + [t.grad.clone()]
     enc.zero_grad()
     t.grad = None
-    compiled = torch.compile(step)
+    compiled = torch.compile(step, fullgraph=backend == "triton")
     loss = compiled(*inputs)
     loss.backward()
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
     for g, e in zip([p.grad for p in enc.parameters()] + [t.grad], eager_grads):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_custom_ops_pass_opcheck():
+    """torch.library.opcheck: schema, fake (meta) implementations and autograd registration agree."""
+    from conftest import triton_runs
+
+    if not triton_runs():
+        pytest.skip("Triton is not available here")
+    from fastpair.kernels import pairwise_nce as K
+
+    dev = device_for("triton")
+    zs = [randn(20, 8, seed=k, device=dev).requires_grad_() for k in range(3)]
+    t = torch.tensor([0.05, 0.1, 0.2], device=dev, requires_grad=True)
+    mask = torch.rand(3, 20, generator=torch.Generator().manual_seed(3)).to(dev) > 0.2
+    torch.library.opcheck(K.pairwise_nce_fwd, (zs, t, mask, [1.0, 2.0, 0.5], True, False),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 @pytest.mark.gpu
