@@ -15,18 +15,25 @@ launches one direction and adds each tile's column sums of exp2(S2) into an fp32
 (1 pass per pair; not bitwise reproducible). torch.use_deterministic_algorithms(True), return_stats,
 normalize=False or 1/t > 60 select the two-direction path.
 
-Backward (`_bwd_kernel`): atomic-free, FlashAttention-shaped. One program per (row block, modality a,
-chunk of D) sweeps every partner b of a and every column block, recomputes the tile and accumulates
-    dL/dx_a[i] = s_k * sum_j G_ij r_b[j] z_b[j],   G = dL/dS = c_k (P + Q - 2I),  c_k = g w_k / (W 2 n_k)
-in registers, where P = exp2(S2 - lse2_own[i]) and Q = exp2(S2 - lse2_other[j]) (for a = q the tile is
-S_pq^T and the roles of the two statistics swap, which the same formula covers). When bounded, one exp2
-serves both: G = c E (2^-lse_own[i] + 2^-lse_other[j]). dL/dt_k = -s_k sum_ij G_ij S_ij is reduced per
-(pair, row block) from the tile, no extra pass. The normalization backward (an O(N*D) projection) and
-the final loss reduction run in PyTorch. Per pair the backward costs 2 directions x 2 matmul passes.
+Backward, G = dL/dS = c_k (P + Q - 2I), c_k = g w_k / (W 2 n_k), P = exp2(S2 - lse2_row[i]),
+Q = exp2(S2 - lse2_col[j]); when bounded one exp2 serves both: G = c E (2^-lse2_row[i] + 2^-lse2_col[j]).
+Two atomic-free, deterministic variants (BACKWARD, env FASTPAIR_TRITON_BACKWARD):
+* "panel" (default; `_grad_panel_kernel` + cuBLAS): per pair and row panel, one fully parallel launch
+  recomputes the tiles and writes W = diag(r_p) G diag(r_q) / t (input dtype), then two GEMMs with fp32
+  accumulation give r_p dL/dx_p[panel] = W z_q and r_q dL/dx_q += W^T z_p[panel]. The 4 matmul passes
+  per pair of the floor, plus writing W once and reading it twice; the panel is at most PANEL_BYTES.
+* "fused" (`_bwd_kernel`, FlashAttention-shaped): one program per (row block, modality a, chunk of D)
+  sweeps every partner b of a and every column block, recomputes the tile and accumulates
+  dL/dx_a[i] = s_k sum_j G_ij r_b[j] z_b[j] in registers (for a = q the tile is S_pq^T and the two
+  statistics swap roles, which the same formula covers). 2 directions x 2 matmul passes per pair, and
+  one more logit pass per extra 256-wide chunk of D: measured 2.7x slower than "panel" at D = 512.
+dL/dt_k = -s_k sum_ij G_ij S_ij is reduced from the tiles, no extra pass. `_input_grad_kernel` then
+applies the normalization backward and writes dL/dz in the input dtype in one pass.
 
 Limits: fp32, bf16, fp16 inputs (fp32 math; tf32 for fp32 inputs only when torch allows it; in Triton's
 interpreter bf16 is computed from fp32 operands, see forward); any N >= 1, any D (masked to the block);
-int64 offsets. The gradient is accumulated in an fp32 (M, N, D) buffer.
+int64 offsets. The gradient is accumulated in an fp32 (M, N, D) buffer (memory above the goal of
+DESIGN.md: see README).
 """
 
 from __future__ import annotations
