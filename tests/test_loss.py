@@ -394,3 +394,19 @@ def test_cuda_torch_backend(dtype):
     torch.testing.assert_close(loss.double(), ref, rtol=tol, atol=tol)
     for z, r in zip(zs, refs):
         torch.testing.assert_close(z.grad.double(), r.grad, rtol=tol, atol=tol * r.grad.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_cuda_autocast_torch_backend():
+    """The torch backend on CUDA tensors inside torch.autocast: fp32 statistics, same loss as outside."""
+    zs = make_embeddings(3, 200, 32, seed=21, device="cuda")
+    expected = pairwise_nce(*zs, temperature=0.05, backend="torch")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        inside = pairwise_nce(*zs, temperature=0.05, backend="torch")
+        lin = torch.nn.Linear(32, 32).cuda()
+        feats = [lin(z) for z in zs]
+        mixed = pairwise_nce(*feats, temperature=0.05, backend="torch")
+    assert inside.dtype == torch.float32 and mixed.dtype == torch.float32
+    torch.testing.assert_close(inside, expected, rtol=1e-6, atol=1e-6)
+    mixed.backward()
+    assert torch.isfinite(lin.weight.grad).all()
