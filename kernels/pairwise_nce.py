@@ -38,6 +38,7 @@ DESIGN.md: see README).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 
@@ -306,6 +307,13 @@ def _blocks(n: int, d: int, dtype: torch.dtype, which: str = "fwd") -> dict:
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, BLOCK_DO=256, num_warps=8, num_stages=3)
 
 
+@functools.lru_cache(maxsize=512)
+def _const(values: tuple, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A small constant table on the device, made once: torch.tensor(..., device="cuda") copies from
+    pageable memory and so waits for the GPU, which would serialize the host and the device every call."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
@@ -320,10 +328,10 @@ def _pair_tables(num_modalities: int, pairs, device):
                 partners.append((q, k, 2 * k, 2 * k + 1))
             elif a == q:
                 partners.append((p, k, 2 * k + 1, 2 * k))
-    return torch.tensor(partners, dtype=torch.int32, device=device)
+    return _const(tuple(partners), torch.int32, str(device))
 
 
-def forward(zs, scales, pairs, mask, normalize: bool, stats: bool, deterministic: bool, cfg=None):
+def forward(zs, scales, pairs, mask, normalize: bool, stats: bool, deterministic: bool, cfg=None, scale2=None):
     """Returns a dict of O(N) statistics and the stacked inputs for the backward pass."""
     m = len(zs)
     n, d = zs[0].shape
@@ -339,13 +347,14 @@ def forward(zs, scales, pairs, mask, normalize: bool, stats: bool, deterministic
     else:
         rnorm = torch.ones(m, n, dtype=torch.float32, device=device)
     valid = mask.to(torch.int8).contiguous() if mask is not None else torch.empty(1, dtype=torch.int8, device=device)
-    scale2 = torch.tensor([s * LOG2E for s in scales], dtype=torch.float32, device=device)
+    if scale2 is None:
+        scale2 = _const(tuple(s * LOG2E for s in scales), torch.float32, str(device))
     bounded = normalize and max(scales) <= BOUND
     atomic = bounded and not stats and not deterministic
     directed = [(p, q, k) for k, (p, q) in enumerate(pairs)]
     if not atomic:
         directed = [t for k, (p, q) in enumerate(pairs) for t in ((p, q, k), (q, p, k))]
-    dirs = torch.tensor(directed, dtype=torch.int32, device=device)
+    dirs = _const(tuple(directed), torch.int32, str(device))
     num_dir = len(directed)
     lse = torch.empty(num_dir, n, dtype=torch.float32, device=device)
     diag = torch.empty(num_dir, n, dtype=torch.float32, device=device)
@@ -431,7 +440,7 @@ def backward_panels(saved, coef, pairs, num_modalities, has_mask: bool, needs_dt
     grid_n = triton.cdiv(n, cfg["BLOCK_N"])
     sgs = torch.zeros(len(pairs), dtype=torch.float32, device=device)
     part = torch.zeros(triton.cdiv(rows, cfg["BLOCK_M"]) * grid_n, dtype=torch.float32, device=device)
-    pair_table = torch.tensor(pairs, dtype=torch.int32, device=device)
+    pair_table = _const(tuple(pairs), torch.int32, str(device))
     for k, (p, q) in enumerate(pairs):
         for row0 in range(0, n, rows):
             r = min(rows, n - row0)
@@ -471,8 +480,11 @@ def _pairs(m: int):
     return list(itertools.combinations(range(m), 2))
 
 
-def _temperatures(temperature: torch.Tensor) -> list[float]:
-    """The (P,) temperatures on the host (one small sync), checked as the public function would."""
+def _temperatures(temperature: torch.Tensor, known: list[float]) -> list[float]:
+    """The (P,) temperatures on the host: `known` when the caller passed numbers (already checked), else
+    read from the tensor (one small sync) and checked as the public function would."""
+    if known:
+        return known
     from fastpair.loss import check_temperatures, tensor_values
 
     values = tensor_values(temperature, temperature.numel())
@@ -481,15 +493,18 @@ def _temperatures(temperature: torch.Tensor) -> list[float]:
 
 
 @torch.library.custom_op("fastpair::pairwise_nce_fwd", mutates_args=())
-def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, mask: torch.Tensor | None,
-                     weights: list[float], normalize: bool, stats: bool
+def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t: list[float],
+                     mask: torch.Tensor | None, weights: list[float], normalize: bool, stats: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns loss, pair_losses (P,), accuracy (P, 2), lse2 (2P, N), r (M, N), coef (P,) = w / (W 2 n)."""
+    """Returns loss, pair_losses (P,), accuracy (P, 2), lse2 (2P, N), r (M, N), coef (P,) = w / (W 2 n).
+    temperature: (P,) tensor; known_t: the same values as numbers when the caller had them (no sync)."""
     pairs = _pairs(len(zs))
-    scales = [1.0 / t for t in _temperatures(temperature)]
+    scales = [1.0 / t for t in _temperatures(temperature, known_t)]
     n = zs[0].shape[0]
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
-        saved = forward(zs, scales, pairs, mask, normalize, stats, torch.are_deterministic_algorithms_enabled())
+        scale2 = (LOG2E / temperature.float()).contiguous()  # on the device: no copy from the host
+        saved = forward(zs, scales, pairs, mask, normalize, stats, torch.are_deterministic_algorithms_enabled(),
+                        scale2=scale2)
         lse, diag = saved["lse"], saved["diag"]
         terms = (lse[0::2] + lse[1::2] - 2.0 * diag[0::2]) * LN2  # (P, N): row + column term per sample
         if mask is not None:
@@ -499,7 +514,7 @@ def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, mask: to
         else:
             counts = torch.full((len(pairs),), float(n), device=terms.device)
         pair_losses = terms.sum(dim=1) / (2.0 * counts.clamp_min(1.0))
-        w = torch.tensor(weights, dtype=torch.float32, device=terms.device) * (counts > 0)
+        w = _const(tuple(weights), torch.float32, str(terms.device)) * (counts > 0)
         total = w.sum().clamp_min(torch.finfo(torch.float32).tiny)
         loss = (w * pair_losses).sum() / total
         accuracy = torch.zeros(len(pairs), 2, dtype=torch.float32, device=terms.device)
@@ -512,7 +527,7 @@ def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, mask: to
 
 
 @pairwise_nce_fwd.register_fake
-def _(zs, temperature, mask, weights, normalize, stats):
+def _(zs, temperature, known_t, mask, weights, normalize, stats):
     m, n = len(zs), zs[0].shape[0]
     p = m * (m - 1) // 2
 
@@ -523,12 +538,12 @@ def _(zs, temperature, mask, weights, normalize, stats):
 
 
 @torch.library.custom_op("fastpair::pairwise_nce_bwd", mutates_args=())
-def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: torch.Tensor,
+def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: torch.Tensor, known_t: list[float],
                      mask: torch.Tensor | None, lse: torch.Tensor, rnorm: torch.Tensor, coef: torch.Tensor,
                      normalize: bool, needs_dt: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns dL/dz stacked (M, N, D) in the input dtype and dL/dt (P,) (zeros when not needed)."""
     pairs = _pairs(len(zs))
-    scales = [1.0 / t for t in _temperatures(temperature)]
+    scales = [1.0 / t for t in _temperatures(temperature, known_t)]
     in_dtype = zs[0].dtype
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
         z = torch.stack([t.contiguous() for t in zs])
@@ -536,7 +551,7 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
             z = z.float()  # as in forward()
         valid = (mask.to(torch.int8).contiguous() if mask is not None
                  else torch.empty(1, dtype=torch.int8, device=z.device))
-        scale2 = torch.tensor([s * LOG2E for s in scales], dtype=torch.float32, device=z.device)
+        scale2 = (LOG2E / temperature.float()).contiguous()
         saved = dict(z=z, rnorm=rnorm, valid=valid, scale2=scale2, lse=lse,
                      bounded=normalize and max(scales) <= BOUND)
         run = backward_panels if BACKWARD == "panel" else backward
@@ -544,23 +559,24 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
                       in_dtype)
         grads = input_grads(dx, z, rnorm, normalize, run is backward_panels, in_dtype)
         if needs_dt:  # dL/dt = -(1/t) sum G S, S = S2 ln 2
-            dt = -torch.tensor(scales, dtype=torch.float32, device=z.device) * LN2 * sgs
+            dt = -(LN2 / temperature.float()) * sgs
         else:
             dt = torch.zeros(len(pairs), dtype=torch.float32, device=z.device)
     return grads, dt
 
 
 @pairwise_nce_bwd.register_fake
-def _(grad, zs, temperature, mask, lse, rnorm, coef, normalize, needs_dt):
+def _(grad, zs, temperature, known_t, mask, lse, rnorm, coef, normalize, needs_dt):
     m, (n, d) = len(zs), zs[0].shape
     return zs[0].new_empty((m, n, d)), zs[0].new_empty((m * (m - 1) // 2,), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    zs, temperature, mask, weights, normalize, stats = inputs
+    zs, temperature, known_t, mask, weights, normalize, stats = inputs
     _, pair_losses, accuracy, lse, rnorm, coef = output
     ctx.save_for_backward(temperature, lse, rnorm, coef, *zs)
     ctx.mask = mask
+    ctx.known_t = known_t
     ctx.normalize = normalize
     ctx.needs_dt = temperature.requires_grad
     ctx.mark_non_differentiable(pair_losses, accuracy, lse, rnorm, coef)
@@ -568,24 +584,32 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, *_unused):
     temperature, lse, rnorm, coef, *zs = ctx.saved_tensors
-    grads, dt = pairwise_nce_bwd(grad_loss, zs, temperature, ctx.mask, lse, rnorm, coef, ctx.normalize,
-                                 ctx.needs_dt)
-    return list(grads.unbind(0)), (dt if ctx.needs_dt else None), None, None, None, None
+    grads, dt = pairwise_nce_bwd(grad_loss, zs, temperature, ctx.known_t, ctx.mask, lse, rnorm, coef,
+                                 ctx.normalize, ctx.needs_dt)
+    # torch.library matches the gradient structure to the inputs' pytree, where an empty list stays a list
+    known_grad = [] if not ctx.known_t else None
+    return list(grads.unbind(0)), (dt if ctx.needs_dt else None), known_grad, None, None, None, None
 
 
 pairwise_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def pairwise_nce_triton(zs, temperature, num_pairs: int, weights, mask, normalize: bool, stats: bool):
-    """Loss, pair losses and accuracy through the custom ops. temperature: a float, a sequence of floats or
-    a 0-d / (P,) tensor (its gradient flows); its values are checked inside the op."""
+    """Loss, pair losses and accuracy through the custom ops. temperature: a float, a sequence of floats
+    (both already checked by the caller) or a 0-d / (P,) tensor (its gradient flows; its values are read
+    and checked inside the ops, one small host sync each)."""
     device = zs[0].device
     if isinstance(temperature, torch.Tensor):
         t = temperature.to(device=device, dtype=torch.float32).reshape(-1)
         t = t.expand(num_pairs).contiguous() if t.numel() == 1 else t
-    elif isinstance(temperature, (int, float)):
-        t = torch.full((num_pairs,), float(temperature), dtype=torch.float32, device=device)
+        known: list[float] = []
     else:
-        t = torch.tensor([float(v) for v in temperature], dtype=torch.float32, device=device)
-    loss, pair_losses, accuracy, *_ = pairwise_nce_fwd(zs, t, mask, [float(w) for w in weights], normalize, stats)
+        known = [float(temperature)] * num_pairs if isinstance(temperature, (int, float)) else \
+            [float(v) for v in temperature]
+        if torch.compiler.is_compiling():  # a constant of the graph (dynamo does not trace lru_cache)
+            t = torch.tensor(known, dtype=torch.float32, device=device)
+        else:
+            t = _const(tuple(known), torch.float32, str(device))
+    loss, pair_losses, accuracy, *_ = pairwise_nce_fwd(zs, t, known, mask, [float(w) for w in weights],
+                                                       normalize, stats)
     return loss, pair_losses, accuracy

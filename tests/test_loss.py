@@ -291,6 +291,30 @@ def test_gradcheck_float64(temperature, mask, normalize):
     assert torch.autograd.gradcheck(fn, (t, *zs), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+def test_compiled_step_with_float_temperature_and_weights_keeps_one_graph():
+    from conftest import triton_runs
+
+    if not triton_runs():
+        pytest.skip("Triton is not available here")
+    torch._dynamo.reset()
+    dev = device_for("triton")
+    enc = torch.nn.ModuleList([torch.nn.Linear(8, 16) for _ in range(3)]).to(dev)
+    xs = [randn(24, 8, seed=k, device=dev) for k in range(3)]
+
+    def step(*xs):
+        return pairwise_nce(*[e(x) for e, x in zip(enc, xs)], temperature=0.1, weights=[1, 2, 3], backend="triton")
+
+    eager = step(*xs)
+    eager.backward()
+    grads = [p.grad.clone() for p in enc.parameters()]
+    enc.zero_grad()
+    loss = torch.compile(step, fullgraph=True)(*xs)
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for p, g in zip(enc.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_within_torch_error(dtype, backend):
     """Error vs float64 is at most 2x PyTorch's own same-dtype error (plus a small atol)."""
@@ -374,7 +398,7 @@ def test_custom_ops_pass_opcheck():
     zs = [randn(20, 8, seed=k, device=dev).requires_grad_() for k in range(3)]
     t = torch.tensor([0.05, 0.1, 0.2], device=dev, requires_grad=True)
     mask = torch.rand(3, 20, generator=torch.Generator().manual_seed(3)).to(dev) > 0.2
-    torch.library.opcheck(K.pairwise_nce_fwd, (zs, t, mask, [1.0, 2.0, 0.5], True, False),
+    torch.library.opcheck(K.pairwise_nce_fwd, (zs, t, [], mask, [1.0, 2.0, 0.5], True, False),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
