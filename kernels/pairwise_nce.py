@@ -94,7 +94,10 @@ def _valid(valid_ptr, a, b, offs, N, HAS_MASK: tl.constexpr):
     return inside
 
 
-@triton.jit
+# Batch-dependent integers are not specialized (Triton would otherwise compile a variant for N == 1 and for
+# N % 16 == 0, and for every such class of a panel's offsets): fewer compilations, same loads (the large
+# tile loads use the strides, which stay specialized). Not yet measured on a GPU.
+@triton.jit(do_not_specialize=["N", "N_BUCKET"])
 def _fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, dir_ptr,
                 lse_ptr, diag_ptr, hit_ptr, colsum_ptr,
                 N, D, stride_m, stride_n, N_BUCKET,
@@ -155,7 +158,7 @@ def _fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, dir_ptr,
         tl.store(hit_ptr + out, ((best_idx == offs_m) & row_ok).to(tl.float32), mask=offs_m < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "N_BUCKET", "NUM_ROW_BLOCKS"])
 def _bwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, partner_ptr, lse_ptr,
                 dx_ptr, sgs_ptr,
                 N, D, stride_m, stride_n, N_BUCKET, NUM_PARTNERS, NUM_ROW_BLOCKS,
@@ -213,7 +216,7 @@ def _bwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, partner_ptr, 
     tl.store(out, acc, mask=(offs_m[:, None] < N) & (offs_do[None, :] < D))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "k", "row0", "rows"])
 def _grad_panel_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, lse_ptr, w_ptr, sgs_ptr, pair_ptr,
                        k, row0, rows, N, D, stride_m, stride_n,
                        HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, NEEDS_DT: tl.constexpr,
@@ -253,7 +256,7 @@ def _grad_panel_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, lse_pt
     tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=in_panel[:, None] & (offs_n[None, :] < N))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _input_grad_kernel(dx_ptr, z_ptr, rnorm_ptr, out_ptr, N, D,
                        NORMALIZE: tl.constexpr, SCALED: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_D: tl.constexpr):
