@@ -228,7 +228,7 @@ def pairwise_nce(
         from .kernels.pairwise_nce import pairwise_nce_triton
 
         loss, pair_losses, accuracy = pairwise_nce_triton(
-            list(embeddings), temperature, num_pairs, ws, mask, normalize, return_stats
+            list(embeddings), temperature if temps is None else temps, num_pairs, ws, mask, normalize, return_stats
         )
     else:
         loss, pair_losses, accuracy = _torch_path(

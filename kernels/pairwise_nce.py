@@ -598,17 +598,16 @@ pairwise_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def pairwise_nce_triton(zs, temperature, num_pairs: int, weights, mask, normalize: bool, stats: bool):
-    """Loss, pair losses and accuracy through the custom ops. temperature: a float, a sequence of floats
-    (both already checked by the caller) or a 0-d / (P,) tensor (its gradient flows; its values are read
-    and checked inside the ops, one small host sync each)."""
+    """Loss, pair losses and accuracy through the custom ops. temperature: the P checked host values, or
+    a 0-d / (P,) tensor (its gradient flows; its values are read and checked inside the ops, one small
+    host sync each)."""
     device = zs[0].device
     if isinstance(temperature, torch.Tensor):
         t = temperature.to(device=device, dtype=torch.float32).reshape(-1)
         t = t.expand(num_pairs).contiguous() if t.numel() == 1 else t
         known: list[float] = []
     else:
-        known = [float(temperature)] * num_pairs if isinstance(temperature, (int, float)) else \
-            [float(v) for v in temperature]
+        known = [float(v) for v in temperature]
         if torch.compiler.is_compiling():  # a constant of the graph (dynamo does not trace lru_cache)
             t = torch.tensor(known, dtype=torch.float32, device=device)
         else:
