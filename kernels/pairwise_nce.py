@@ -496,11 +496,18 @@ def _temperatures(temperature: torch.Tensor, known: list[float]) -> list[float]:
     return values
 
 
-@torch.library.custom_op("fastpair::pairwise_nce_fwd", mutates_args=())
+# Bump when an op's signature or autograd formula changes: torch.compile's on-disk caches key a compiled
+# step on its forward graph and could replay a backward recorded against the old op.
+OPS_VERSION = 1
+
+
+@torch.library.custom_op(f"fastpair::pairwise_nce_fwd_v{OPS_VERSION}", mutates_args=())
 def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t: list[float],
                      mask: torch.Tensor | None, weights: list[float], normalize: bool, stats: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns loss, pair_losses (P,), accuracy (P, 2), lse2 (2P, N), r (M, N), coef (P,) = w / (W 2 n).
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor]:
+    """Returns loss, pair_losses (P,), accuracy (P, 2), lse2 (2P, N), r (M, N), coef (P,) = w / (W 2 n),
+    and `bounded` as a 0-d bool tensor on the CPU (so that the backward reads it without a device sync).
     temperature: (P,) tensor; known_t: the same values as numbers when the caller had them (no sync)."""
     pairs = _pairs(len(zs))
     scales = [1.0 / t for t in _temperatures(temperature, known_t)]
@@ -527,7 +534,8 @@ def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t:
             accuracy = torch.stack([hits[0::2].sum(dim=1), hits[1::2].sum(dim=1)], dim=1)
             accuracy = accuracy / counts.clamp_min(1.0)[:, None]
         coef = w / (total * 2.0 * counts.clamp_min(1.0))
-    return loss, pair_losses, accuracy, lse.contiguous(), saved["rnorm"], coef
+    bounded = torch.tensor(saved["bounded"], dtype=torch.bool)  # host memory
+    return loss, pair_losses, accuracy, lse.contiguous(), saved["rnorm"], coef, bounded
 
 
 @pairwise_nce_fwd.register_fake
@@ -538,16 +546,16 @@ def _(zs, temperature, known_t, mask, weights, normalize, stats):
     def f32(*shape):
         return zs[0].new_empty(shape, dtype=torch.float32)
 
-    return f32(), f32(p), f32(p, 2), f32(2 * p, n), f32(m, n), f32(p)
+    return f32(), f32(p), f32(p, 2), f32(2 * p, n), f32(m, n), f32(p), torch.empty((), dtype=torch.bool)
 
 
-@torch.library.custom_op("fastpair::pairwise_nce_bwd", mutates_args=())
-def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: torch.Tensor, known_t: list[float],
+@torch.library.custom_op(f"fastpair::pairwise_nce_bwd_v{OPS_VERSION}", mutates_args=())
+def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: torch.Tensor,
                      mask: torch.Tensor | None, lse: torch.Tensor, rnorm: torch.Tensor, coef: torch.Tensor,
-                     normalize: bool, needs_dt: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns dL/dz stacked (M, N, D) in the input dtype and dL/dt (P,) (zeros when not needed)."""
+                     bounded: torch.Tensor, normalize: bool, needs_dt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns dL/dz stacked (M, N, D) in the input dtype and dL/dt (P,) (zeros when not needed).
+    bounded: the forward's 0-d CPU bool; the temperatures are not read on the host again."""
     pairs = _pairs(len(zs))
-    scales = [1.0 / t for t in _temperatures(temperature, known_t)]
     in_dtype = zs[0].dtype
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
         z = torch.stack([t.contiguous() for t in zs])
@@ -556,8 +564,7 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
         valid = (mask.to(torch.int8).contiguous() if mask is not None
                  else torch.empty(1, dtype=torch.int8, device=z.device))
         scale2 = (LOG2E / temperature.float()).contiguous()
-        saved = dict(z=z, rnorm=rnorm, valid=valid, scale2=scale2, lse=lse,
-                     bounded=normalize and max(scales) <= BOUND)
+        saved = dict(z=z, rnorm=rnorm, valid=valid, scale2=scale2, lse=lse, bounded=bool(bounded.item()))
         run = backward_panels if BACKWARD == "panel" else backward
         dx, sgs = run(saved, (grad.float() * coef).contiguous(), pairs, len(zs), mask is not None, needs_dt,
                       in_dtype)
@@ -570,25 +577,25 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
 
 
 @pairwise_nce_bwd.register_fake
-def _(grad, zs, temperature, known_t, mask, lse, rnorm, coef, normalize, needs_dt):
+def _(grad, zs, temperature, mask, lse, rnorm, coef, bounded, normalize, needs_dt):
     m, (n, d) = len(zs), zs[0].shape
     return zs[0].new_empty((m, n, d)), zs[0].new_empty((m * (m - 1) // 2,), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
     zs, temperature, known_t, mask, weights, normalize, stats = inputs
-    _, pair_losses, accuracy, lse, rnorm, coef = output
-    ctx.save_for_backward(temperature, lse, rnorm, coef, *zs)
+    _, pair_losses, accuracy, lse, rnorm, coef, bounded = output
+    ctx.save_for_backward(temperature, lse, rnorm, coef, bounded, *zs)
     ctx.mask = mask
     ctx.known_t = known_t
     ctx.normalize = normalize
     ctx.needs_dt = temperature.requires_grad
-    ctx.mark_non_differentiable(pair_losses, accuracy, lse, rnorm, coef)
+    ctx.mark_non_differentiable(pair_losses, accuracy, lse, rnorm, coef, bounded)
 
 
 def _backward(ctx, grad_loss, *_unused):
-    temperature, lse, rnorm, coef, *zs = ctx.saved_tensors
-    grads, dt = pairwise_nce_bwd(grad_loss, zs, temperature, ctx.known_t, ctx.mask, lse, rnorm, coef,
+    temperature, lse, rnorm, coef, bounded, *zs = ctx.saved_tensors
+    grads, dt = pairwise_nce_bwd(grad_loss, zs, temperature, ctx.mask, lse, rnorm, coef, bounded,
                                  ctx.normalize, ctx.needs_dt)
     # torch.library matches the gradient structure to the inputs' pytree, where an empty list stays a list
     known_grad = [] if not ctx.known_t else None

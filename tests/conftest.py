@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -11,6 +13,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # torch.use_deterministic_algorithms(True) refuses cuBLAS without this (the Triton backward calls cuBLAS).
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+# A fresh torch.compile cache per test session: PyTorch's on-disk caches key a compiled step on its forward
+# graph, so a cached backward can outlive a change to a custom op's autograd formula (seen here).
+_INDUCTOR_DIR = None
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _INDUCTOR_DIR = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastpair-inductor-")
 
 import pytest  # noqa: E402
 
@@ -85,6 +92,11 @@ def device_for(backend: str) -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _INDUCTOR_DIR is not None:
+        shutil.rmtree(_INDUCTOR_DIR, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
