@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: venv test test-fast train bench bench-quick lint gpu-check clean
+.PHONY: venv test train bench bench-quick lint gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m pytest bench -q -p no:cacheprovider -k "1024" --benchmark-json=bench/results/raw/cpu-quick.json
-	$(PY) -m bench.report bench/results/raw/cpu-quick.json
+	$(PY) -m bench.report bench/results/raw/cpu-quick.json --out bench/results/raw
 
 lint: $(STAMP)
 	$(PY) -m ruff check fastpair kernels training bench tests
