@@ -125,10 +125,6 @@ def _world_size(group) -> int:
 _TRITON = _kernels.available()  # decided once at import (no import work inside a compiled region)
 
 
-def _triton_available() -> bool:
-    return _TRITON
-
-
 def _check_triton(z: torch.Tensor) -> None:
     if z.dtype == torch.float64:
         raise TypeError("backend='triton' takes float32, float16 or bfloat16 inputs; float64 runs on "
@@ -222,7 +218,7 @@ def pairwise_nce(
     if use_triton:
         _check_triton(embeddings[0])
     elif backend == "auto" and device.type == "cuda" and embeddings[0].dtype != torch.float64:
-        use_triton = _triton_available()
+        use_triton = _TRITON
 
     if use_triton:
         from .kernels.pairwise_nce import pairwise_nce_triton

@@ -335,22 +335,30 @@ def _pair_tables(num_modalities: int, pairs, device):
     return _const(tuple(partners), torch.int32, str(device))
 
 
-def forward(zs, scales, pairs, mask, normalize: bool, stats: bool, deterministic: bool, cfg=None, scale2=None):
-    """Returns a dict of O(N) statistics and the stacked inputs for the backward pass."""
-    m = len(zs)
-    n, d = zs[0].shape
-    device = zs[0].device
-    z = torch.stack([t.contiguous() for t in zs])  # (M, N, D) in the input dtype
+def _stage(zs, mask):
+    """The kernels' operands: the inputs stacked as (M, N, D) in their dtype, and the mask as int8 (M, N)
+    (a 1-element placeholder without a mask)."""
+    z = torch.stack([t.contiguous() for t in zs])
     if INTERPRET and z.dtype == torch.bfloat16:
         # Triton's interpreter misreads bf16 loads (numpy has no bf16). bf16 x bf16 products are exact in
         # fp32, so fp32 operands give the same logits; only the bf16 rounding of G in the backward dot
         # differs. bf16 kernel numerics are therefore tested on a GPU.
         z = z.float()
-    if normalize:
-        rnorm = 1.0 / torch.linalg.vector_norm(z.float(), dim=2).clamp_min(NORM_EPS)
+    if mask is None:
+        return z, torch.empty(1, dtype=torch.int8, device=z.device)
+    return z, mask.to(torch.int8).contiguous()
+
+
+def forward(zs, scales, pairs, mask, normalize: bool, stats: bool, deterministic: bool, cfg=None, scale2=None):
+    """Returns a dict of O(N) statistics and the stacked inputs for the backward pass."""
+    m = len(zs)
+    n, d = zs[0].shape
+    device = zs[0].device
+    z, valid = _stage(zs, mask)
+    if normalize:  # fp32 norms without an fp32 copy of the inputs
+        rnorm = 1.0 / torch.linalg.vector_norm(z, dim=2, dtype=torch.float32).clamp_min(NORM_EPS)
     else:
         rnorm = torch.ones(m, n, dtype=torch.float32, device=device)
-    valid = mask.to(torch.int8).contiguous() if mask is not None else torch.empty(1, dtype=torch.int8, device=device)
     if scale2 is None:
         scale2 = _const(tuple(s * LOG2E for s in scales), torch.float32, str(device))
     bounded = normalize and max(scales) <= BOUND
@@ -558,11 +566,7 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
     pairs = _pairs(len(zs))
     in_dtype = zs[0].dtype
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
-        z = torch.stack([t.contiguous() for t in zs])
-        if INTERPRET and z.dtype == torch.bfloat16:
-            z = z.float()  # as in forward()
-        valid = (mask.to(torch.int8).contiguous() if mask is not None
-                 else torch.empty(1, dtype=torch.int8, device=z.device))
+        z, valid = _stage(zs, mask)
         scale2 = (LOG2E / temperature.float()).contiguous()
         saved = dict(z=z, rnorm=rnorm, valid=valid, scale2=scale2, lse=lse, bounded=bool(bounded.item()))
         run = backward_panels if BACKWARD == "panel" else backward
