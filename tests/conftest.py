@@ -77,6 +77,13 @@ def triton_runs() -> bool:
     return available() and (torch.cuda.is_available() or interpreter())
 
 
+@pytest.fixture
+def triton_only():
+    """For tests of the Triton backend alone: skipped where it cannot run."""
+    if not triton_runs():
+        pytest.skip("Triton is not available here")
+
+
 @pytest.fixture(params=["torch", "triton"])
 def backend(request):
     """Every loss test runs on both backends; triton on CPU runs in the interpreter (small shapes only)."""

@@ -208,12 +208,8 @@ def test_deterministic(backend, deterministic_algorithms):
 
 @pytest.mark.parametrize("mode", ["fused", "panel-small"])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_triton_backward_variants_agree(mode, normalize, monkeypatch):
+def test_triton_backward_variants_agree(mode, normalize, monkeypatch, triton_only):
     """The fused (registers) backward and the W-panel + GEMM backward, with several panels, give the same."""
-    from conftest import triton_runs
-
-    if not triton_runs():
-        pytest.skip("Triton is not available here")
     from fastpair.kernels import pairwise_nce as K
 
     n = small(70, "triton")
@@ -228,12 +224,8 @@ def test_triton_backward_variants_agree(mode, normalize, monkeypatch):
                             temperature=t.tolist(), learnable=True, mask=mask, normalize=normalize)
 
 
-def test_triton_atomic_and_deterministic_paths_agree(deterministic_algorithms):
+def test_triton_atomic_and_deterministic_paths_agree(deterministic_algorithms, triton_only):
     """The fast path (column sums by atomics) and the atomic-free path compute the same loss and gradients."""
-    from conftest import triton_runs
-
-    if not triton_runs():
-        pytest.skip("Triton is not available here")
     zs = on(make_embeddings(3, small(100, "triton"), 24, seed=19), "triton")
     mask = torch.rand(3, zs[0].shape[0], generator=torch.Generator().manual_seed(1)).to(zs[0].device) > 0.2
     out = []
@@ -291,11 +283,7 @@ def test_gradcheck_float64(temperature, mask, normalize):
     assert torch.autograd.gradcheck(fn, (t, *zs), eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-def test_compiled_step_with_float_temperature_and_weights_keeps_one_graph():
-    from conftest import triton_runs
-
-    if not triton_runs():
-        pytest.skip("Triton is not available here")
+def test_compiled_step_with_float_temperature_and_weights_keeps_one_graph(triton_only):
     torch._dynamo.reset()
     dev = device_for("triton")
     enc = torch.nn.ModuleList([torch.nn.Linear(8, 16) for _ in range(3)]).to(dev)
@@ -386,12 +374,8 @@ def test_inside_torch_compile_training_step(backend):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
 
 
-def test_custom_ops_pass_opcheck():
+def test_custom_ops_pass_opcheck(triton_only):
     """torch.library.opcheck: schema, fake (meta) implementations and autograd registration agree."""
-    from conftest import triton_runs
-
-    if not triton_runs():
-        pytest.skip("Triton is not available here")
     from fastpair.kernels import pairwise_nce as K
 
     dev = device_for("triton")
