@@ -211,6 +211,14 @@ def largest_batch(n: int = 2**20, d: int = 512) -> dict:
                 peak_mib=peak, total_gib=torch.cuda.max_memory_allocated() / 2**30)
 
 
+def autotune_choices() -> dict:
+    """The tiles the autotuner chose per key in this run (key: N bucket, D bucket, flags, dtypes)."""
+    from fastpair.kernels import pairwise_nce as K
+
+    return {name: {str(key): str(config) for key, config in tuner.cache.items()}
+            for name, tuner in (("forward", K._fwd_tuned), ("panel", K._panel_tuned))}
+
+
 def markdown(result) -> str:
     meta = result["meta"]
     lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, fastpair {meta['fastpair']}, "
@@ -321,7 +329,8 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name()
     result = dict(meta=dict(device=device, torch=torch.__version__, triton=triton.__version__,
                             fastpair=fastpair.__version__, date=datetime.date.today().isoformat()),
-                  rows=rows, skipped=skipped, failed={f"{k[0]} D={k[1]} {k[2]}": v for k, v in failed.items()})
+                  rows=rows, autotuned=autotune_choices(), skipped=skipped,
+                  failed={f"{k[0]} D={k[1]} {k[2]}": v for k, v in failed.items()})
     write_results(os.path.join(args.out, f"{slug(device)}-{result['meta']['date']}"), result, markdown, plot)
     return 0
 

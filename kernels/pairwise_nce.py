@@ -33,8 +33,9 @@ applies the normalization backward and writes dL/dz in the input dtype in one pa
 
 Limits: fp32, bf16, fp16 inputs (fp32 math; tf32 for fp32 inputs only when torch allows it; in Triton's
 interpreter bf16 is computed from fp32 operands, see forward); any N >= 1, any D (masked to the block);
-int64 offsets. The gradient is accumulated in an fp32 (M, N, D) buffer (memory above the goal of
-DESIGN.md: see README).
+int64 offsets. Tiles of the forward and panel kernels are autotuned per (N, D) power-of-two bucket and
+dtype (see _FWD_GPU_CONFIGS). The gradient is accumulated in an fp32 (M, N, D) buffer (memory above the
+goal of DESIGN.md: see README).
 """
 
 from __future__ import annotations
@@ -98,10 +99,10 @@ def _valid(valid_ptr, a, b, offs, N, HAS_MASK: tl.constexpr):
 # Batch-dependent integers are not specialized (Triton would otherwise compile a variant for N == 1 and for
 # N % 16 == 0, and for every such class of a panel's offsets): fewer compilations, same loads (the large
 # tile loads use the strides, which stay specialized). Not yet measured on a GPU.
-@triton.jit(do_not_specialize=["N", "N_BUCKET"])
+@triton.jit(do_not_specialize=["N", "N_BUCKET", "D_BUCKET"])
 def _fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, dir_ptr,
                 lse_ptr, diag_ptr, hit_ptr, colsum_ptr,
-                N, D, stride_m, stride_n, N_BUCKET,
+                N, D, stride_m, stride_n, N_BUCKET, D_BUCKET,
                 HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, ATOMIC_COLS: tl.constexpr, STATS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr):
@@ -217,9 +218,9 @@ def _bwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, partner_ptr, 
     tl.store(out, acc, mask=(offs_m[:, None] < N) & (offs_do[None, :] < D))
 
 
-@triton.jit(do_not_specialize=["N", "k", "row0", "rows"])
+@triton.jit(do_not_specialize=["N", "k", "row0", "rows", "N_BUCKET", "D_BUCKET"])
 def _grad_panel_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, lse_ptr, w_ptr, sgs_ptr, pair_ptr,
-                       k, row0, rows, N, D, stride_m, stride_n,
+                       k, row0, rows, N, D, stride_m, stride_n, N_BUCKET, D_BUCKET,
                        HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, NEEDS_DT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        INPUT_PRECISION: tl.constexpr):
@@ -288,27 +289,110 @@ def _input_grad_kernel(dx_ptr, z_ptr, rnorm_ptr, out_ptr, N, D,
 # ----------------------------------------------------------------------------------------------------
 # Host side: block sizes, launches, epilogues.
 
-def _blocks(n: int, d: int, dtype: torch.dtype, which: str = "fwd") -> dict:
-    """Tile shapes. Interpreter: the smallest legal tiles (speed of the CPU emulation). GPU: 64 x 64 logit
-    tiles, K chunks of 64, and the whole (padded) D per backward program up to 256, so that the logits are
-    recomputed once per backward sweep for D <= 256; larger D splits into 256-wide chunks."""
+def _buckets(n: int, d: int) -> tuple[int, int]:
+    """The autotuning key's sizes: N and D rounded up to powers of two (D at least 16, tl.dot's minimum)."""
+    return triton.next_power_of_2(n), max(16, triton.next_power_of_2(d))
+
+
+def _config(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=warps, num_stages=stages)
+
+
+# Autotuning: Triton's autotuner times every kept config the first time a key is seen in a process (a few
+# seconds, once per bucket) and keeps the fastest. Key: N and D bucketed to powers of two (_buckets), the
+# flags that change the work per tile, and, added by Triton, the dtypes of the tensor arguments, so the
+# kernels neither re-tune nor recompile for every batch size. Candidates are few on purpose; `_keep` drops
+# those that cannot help at a given key. H100 timings: bench/results/nvidia-h100-80gb-hbm3-2026-11-24-tune.log
+# (bf16, N=32768); nothing here has been timed on an A100 yet.
+_FWD_GPU_CONFIGS = [
+    # H100 winner at D=512 (9.07 ms): 128 x 256 logit tiles halve the row block's reloads per column
+    # sweep; 8 warps hold the fp32 tile. 3 stages of (128 + 256) x 64 bf16 = 144 KiB: fits H100 (227 KiB)
+    # and A100 (163 KiB) in 16-bit; in fp32 2 stages on an H100, none on an A100 (see _keep).
+    _config(128, 256, 64, 8, 3),
+    # H100 at D=512: 9.30 ms (2% behind), the choice at D <= 128 in the sweep; 96 KiB of stages in 16-bit,
+    # so the fp32 (tf32) and Ampere configuration.
+    _config(128, 128, 64, 4, 3),
+    # Twice the programs for mid-size N: with 128-row blocks, N = 4096 launches 32 x 3 programs on the fast
+    # path, fewer than the 132 SMs of an H100 (108 on an A100); a 4th stage for Ampere's cp.async pipeline.
+    _config(64, 128, 64, 4, 4),
+]
+_PANEL_GPU_CONFIGS = [
+    # H100 D=512: 20.67 ms for the three pairs' W panels + GEMMs (0.91x the 12-GEMM floor), D=128: 11.02 ms
+    _config(128, 128, 64, 4, 3),
+    # H100: 20.61 / 10.94 ms, a tie with the one above within noise; kept for the autotuner to settle per GPU
+    _config(128, 256, 64, 8, 3),
+    # Ampere (smaller shared memory, 108 SMs) and fp32; never the winner on the H100 sweep (not timed there)
+    _config(64, 128, 64, 4, 4),
+]
+# Measured and dropped (same log): 256 x 128 tiles (forward 9.74 ms, panel 20.94), 8 warps on 128 x 128
+# (forward 14.3 ms, panel 22.3), BLOCK_K = 32 (9.50 ms).
+# Interpreter: the smallest legal tiles, one config (the CPU emulation's time grows with the tile)
+_FWD_CONFIGS = [_config(16, 16, 16, 1, 1)] if INTERPRET else _FWD_GPU_CONFIGS
+_PANEL_CONFIGS = [_config(16, 16, 16, 1, 1)] if INTERPRET else _PANEL_GPU_CONFIGS
+SMALL_N = 2048  # at or below: no tuning (one config), whose cost would exceed any gain at this size
+LARGE_N = 2**17  # above: no tuning either (each timed run takes seconds); the first config that fits
+
+
+def _keep(configs, n_bucket: int, d_bucket: int, elem_bytes: int, shared_memory: int) -> list:
+    """The candidates worth timing at one key: BLOCK_K no wider than D (wider only loads masked zeros);
+    no more pipeline stages of the (BLOCK_M + BLOCK_N) x BLOCK_K operand tiles than shared memory holds
+    (an estimate: fp32 inputs, or Ampere's 163 KiB, lose stages or the config); at small N only the
+    smallest tile (more programs than SMs matters more there than tile efficiency, and one candidate means
+    no tuning time); at huge N the first (timing a candidate there would take minutes)."""
+    kept = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], min(c.kwargs["BLOCK_K"], d_bucket)
+        stages = min(c.num_stages, shared_memory // ((bm + bn) * bk * elem_bytes))
+        if stages >= 2:  # one stage would mean no overlap of loads and math: not a candidate
+            kept.append(_config(bm, bn, bk, c.num_warps, stages))
+    if not kept:  # a GPU with little shared memory: the smallest tile, unpipelined
+        c = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])
+        kept = [_config(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], min(c.kwargs["BLOCK_K"], d_bucket), 4, 1)]
+    if n_bucket <= SMALL_N:
+        kept = [min(kept, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    elif n_bucket > LARGE_N:
+        kept = kept[:1]  # the configs are listed best first (H100, N=32768), which holds for larger N
+    return kept
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_memory(device_index: int) -> int:
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+        return int(props["max_shared_mem"])
+    except Exception:  # an unknown driver: assume the smallest of the GPUs the configs were written for
+        return 163 * 1024
+
+
+def _prune(configs, nargs, **_):
+    z = nargs["z_ptr"]
+    return _keep(configs, nargs["N_BUCKET"], nargs["D_BUCKET"], z.element_size(),
+                 _shared_memory(z.device.index if z.device.index is not None else 0))
+
+
+_fwd_tuned = triton.autotune(
+    _FWD_CONFIGS, key=["N_BUCKET", "D_BUCKET", "HAS_MASK", "BOUNDED", "ATOMIC_COLS", "STATS"],
+    prune_configs_by={"early_config_prune": _prune},
+    reset_to_zero=["colsum_ptr"],  # the atomic column sums accumulate: zeroed before each timed run
+)(_fwd_kernel)
+_panel_tuned = triton.autotune(
+    _PANEL_CONFIGS, key=["N_BUCKET", "D_BUCKET", "HAS_MASK", "BOUNDED", "NEEDS_DT"],
+    prune_configs_by={"early_config_prune": _prune},
+    reset_to_zero=["sgs_ptr"],  # per-tile partials: a timed config with smaller tiles writes more of them
+)(_grad_panel_kernel)
+
+
+def _fused_bwd_blocks(d: int) -> dict:
+    """Tiles of the fused backward (not the default, not autotuned; H100 sweep in the same log): the
+    (BLOCK_M x BLOCK_DO) fp32 accumulator lives in registers; D > 256 is split into 256-wide chunks, each
+    of which recomputes the logits (measured faster than a 512-wide accumulator)."""
     if INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, BLOCK_DO=32, num_warps=1, num_stages=1)
-    if which == "panel":
-        d_pad = max(16, triton.next_power_of_2(d))
-        # H100 bf16 N=32768: 20.7 ms at D=512, 11.0 ms at D=128 (both about the 12 S-sized GEMMs' time)
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=min(64, d_pad), num_warps=4, num_stages=3)
     d_pad = max(16, triton.next_power_of_2(d))
     bk = min(64, d_pad)
-    if which == "fwd":  # H100, bf16, N=32768 (bench/tune_gpu.py): 128 x 256 tiles at D >= 256, 128 x 128 below
-        if d_pad >= 256:
-            return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=bk, num_warps=8, num_stages=3)
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, num_warps=4, num_stages=3)
-    # fused backward: the (BLOCK_M x BLOCK_DO) fp32 accumulator lives in registers; D > 256 is split into
-    # 256-wide chunks, each of which recomputes the logits (measured faster than a 512-wide accumulator)
     if d_pad <= 128:
         return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, BLOCK_DO=d_pad, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, BLOCK_DO=256, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=bk, BLOCK_DO=256, num_warps=8, num_stages=4)
 
 
 @functools.lru_cache(maxsize=512)
@@ -372,14 +456,13 @@ def forward(zs, scales, pairs, mask, normalize: bool, stats: bool, deterministic
     diag = torch.empty(num_dir, n, dtype=torch.float32, device=device)
     hits = torch.empty(num_dir, n, dtype=torch.float32, device=device) if stats else lse
     colsum = torch.zeros(len(pairs), n, dtype=torch.float32, device=device) if atomic else lse
-    cfg = cfg or _blocks(n, d, zs[0].dtype, "fwd")
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), num_dir)
-    _fwd_kernel[grid](
+    # cfg: explicit tiles (bench/tune_gpu.py); by default the autotuned kernel picks them
+    kernel, tiles = (_fwd_tuned, {}) if cfg is None else (_fwd_kernel, cfg)
+    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), num_dir)](
         z, rnorm, valid, scale2, dirs, lse, diag, hits, colsum,
-        n, d, z.stride(0), z.stride(1), triton.next_power_of_2(n),
+        n, d, z.stride(0), z.stride(1), *_buckets(n, d),
         HAS_MASK=mask is not None, BOUNDED=bounded, ATOMIC_COLS=atomic, STATS=stats,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        INPUT_PRECISION=_input_precision(zs[0].dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        INPUT_PRECISION=_input_precision(zs[0].dtype), **tiles,
     )
     if atomic:
         # lse table in the two-direction layout: 2k = rows of p (row stats), 2k+1 = rows of q (column stats)
@@ -401,7 +484,7 @@ def backward(saved, coef, pairs, num_modalities, has_mask: bool, needs_dt: bool,
     z = saved["z"]
     _, n, d = z.shape
     device = z.device
-    cfg = cfg or _blocks(n, d, in_dtype, "bwd")
+    cfg = cfg or _fused_bwd_blocks(d)
     partners = _pair_tables(num_modalities, pairs, device)
     num_row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
     dx = torch.empty(num_modalities, n, d, dtype=torch.float32, device=device)
@@ -443,29 +526,33 @@ def backward_panels(saved, coef, pairs, num_modalities, has_mask: bool, needs_dt
     z = saved["z"]
     _, n, d = z.shape
     device = z.device
-    cfg = cfg or _blocks(n, d, in_dtype, "panel")
     w_dtype = z.dtype
-    rows = panel_rows or max(cfg["BLOCK_M"], min(n, PANEL_BYTES // (n * z.element_size())))
-    rows = min(n, -(-rows // cfg["BLOCK_M"]) * cfg["BLOCK_M"])
+    # panel height: independent of the tiles (a multiple of every BLOCK_M) so the autotuner may pick them
+    step = max(c.kwargs["BLOCK_M"] for c in _PANEL_CONFIGS) if cfg is None else cfg["BLOCK_M"]
+    rows = panel_rows or max(step, min(n, PANEL_BYTES // (n * z.element_size())))
+    rows = min(n, -(-rows // step) * step)
     w = torch.empty(rows, n, dtype=w_dtype, device=device)
     dxw = torch.zeros(num_modalities, n, d, dtype=torch.float32, device=device)
-    grid_n = triton.cdiv(n, cfg["BLOCK_N"])
     sgs = torch.zeros(len(pairs), dtype=torch.float32, device=device)
-    part = torch.zeros(triton.cdiv(rows, cfg["BLOCK_M"]) * grid_n, dtype=torch.float32, device=device)
+    # one sum_ij G_ij S2_ij partial per tile; sized for the smallest tiles a launch may use
+    min_m = min(c.kwargs["BLOCK_M"] for c in _PANEL_CONFIGS) if cfg is None else cfg["BLOCK_M"]
+    min_n = min(c.kwargs["BLOCK_N"] for c in _PANEL_CONFIGS) if cfg is None else cfg["BLOCK_N"]
+    part = torch.zeros(triton.cdiv(rows, min_m) * triton.cdiv(n, min_n), dtype=torch.float32, device=device)
     pair_table = _const(tuple(pairs), torch.int32, str(device))
+    kernel, tiles = (_panel_tuned, {}) if cfg is None else (_grad_panel_kernel, cfg)
     for k, (p, q) in enumerate(pairs):
         for row0 in range(0, n, rows):
             r = min(rows, n - row0)
-            _grad_panel_kernel[(triton.cdiv(r, cfg["BLOCK_M"]), grid_n)](
+            if needs_dt:
+                part.zero_()  # a launch writes one partial per tile: none may stay from a larger grid
+            kernel[lambda meta, r=r: (triton.cdiv(r, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
                 z, saved["rnorm"], saved["valid"], saved["scale2"], coef, saved["lse"], w, part, pair_table,
-                k, row0, r, n, d, z.stride(0), z.stride(1),
+                k, row0, r, n, d, z.stride(0), z.stride(1), *_buckets(n, d),
                 HAS_MASK=has_mask, BOUNDED=saved["bounded"], NEEDS_DT=needs_dt,
-                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                INPUT_PRECISION=_input_precision(in_dtype), num_warps=cfg["num_warps"],
-                num_stages=cfg["num_stages"],
+                INPUT_PRECISION=_input_precision(in_dtype), **tiles,
             )
             if needs_dt:
-                sgs[k] += part[: triton.cdiv(r, cfg["BLOCK_M"]) * grid_n].sum()
+                sgs[k] += part.sum()
             _accumulate(dxw[p, row0:row0 + r], w[:r], z[q])
             _accumulate(dxw[q], w[:r].T, z[p, row0:row0 + r])
     return dxw, (sgs if needs_dt else None)  # dL/dx * r: W carries r_p r_q

@@ -418,3 +418,56 @@ def test_cuda_autocast_torch_backend():
     torch.testing.assert_close(inside, expected, rtol=1e-6, atol=1e-6)
     mixed.backward()
     assert torch.isfinite(lin.weight.grad).all()
+
+
+def test_autotune_candidates():
+    """The autotuner's candidate filter (pure host logic, so it is checked on every machine)."""
+    from fastpair.kernels import pairwise_nce as K
+
+    def tiles(configs):
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) for c in configs]
+
+    h100, a100 = 227 * 1024, 163 * 1024
+    for configs in (K._FWD_GPU_CONFIGS, K._PANEL_GPU_CONFIGS):
+        # bf16 at the goal shape: every candidate is timed, with its own pipeline depth
+        assert tiles(K._keep(configs, 32768, 512, 2, h100)) == tiles(configs)
+        # fp32 on an A100: the 128 x 256 tile has no room for two stages; the others lose stages
+        kept = tiles(K._keep(configs, 32768, 512, 4, a100))
+        assert (128, 256, 64, 3) not in kept and (128, 256, 64, 2) not in kept
+        assert all(s >= 2 and s * (bm + bn) * bk * 4 <= a100 for bm, bn, bk, s in kept)
+        assert len(kept) == 2
+        # D = 20 pads to 32: no 64-wide K chunks of masked zeros
+        assert {bk for _, _, bk, _ in tiles(K._keep(configs, 32768, 32, 2, h100))} == {32}
+        # small N: the smallest tile alone (nothing to time); huge N: the first (best-measured) config
+        assert tiles(K._keep(configs, 1024, 512, 2, h100)) == [(64, 128, 64, 4)]
+        assert tiles(K._keep(configs, 2**20, 512, 2, h100)) == tiles(configs[:1])
+        # a GPU with too little shared memory for any pipeline still gets one (unpipelined) tile
+        assert tiles(K._keep(configs, 32768, 512, 4, 32 * 1024)) == [(64, 128, 64, 1)]
+    assert K._buckets(1, 1) == (1, 16) and K._buckets(4097, 300) == (8192, 512)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_autotuned_kernels_match_reference(deterministic, deterministic_algorithms):
+    """N above SMALL_N, so the autotuner times several configs before the real launch: what the timed runs
+    accumulate (atomic column sums on the fast path, per-tile partials of dL/dt) must not leak into the
+    result."""
+    from fastpair.kernels import pairwise_nce as K
+
+    torch.use_deterministic_algorithms(deterministic)
+    n = 4096 + 37  # N bucket 8192: a key no other test uses
+    zs = make_embeddings(3, n, 96, seed=21, device="cuda")
+    t = torch.tensor([0.05, 0.07, 0.1], device="cuda", requires_grad=True)
+    K._fwd_tuned.cache.clear()
+    K._panel_tuned.cache.clear()
+    loss = pairwise_nce(*zs, temperature=t, backend="triton")  # no stats: the atomic path unless deterministic
+    loss.backward()
+    assert len(K._fwd_tuned.cache) == 1 and len(K._panel_tuned.cache) == 1
+    refs = [z.detach().cpu().double().requires_grad_() for z in zs]
+    t_ref = t.detach().cpu().double().requires_grad_()
+    ref = pairwise_nce_reference(*refs, temperature=t_ref)
+    ref.backward()
+    assert_close(loss.cpu(), ref, torch.float32, 1.0, "loss")
+    for m, (z, r) in enumerate(zip(zs, refs)):
+        assert_close(z.grad.cpu(), r.grad, torch.float32, 1.0, f"grad {m}", magnitude=1.0 / (0.05 * n))
+    assert_close(t.grad.cpu(), t_ref.grad, torch.float32, 1.0, "grad of temperature")
