@@ -1,0 +1,187 @@
+"""Fusion probe: metrics against hand-computed values, the probe on synthetic features, results files, table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from fastpair.training import probe as P
+
+CLASSES = ["neutral", "happy", "sad", "angry"]
+SIZES = {"train": 400, "valid": 200, "test": 200}
+
+
+def synthetic(task: str, d: int = 32, seed: int = 0):
+    """Gaussian features where only "text" carries the label (class means, or a linear score)."""
+    rng = np.random.default_rng(seed)
+    means, w = rng.normal(size=(len(CLASSES), d)), rng.normal(size=d) / math.sqrt(d)
+    features, labels = {}, {}
+    for split, n in SIZES.items():
+        features[split] = {m: rng.normal(size=(n, d)).astype(np.float32) for m in P.MODALITIES}
+        if task == "multiclass":
+            labels[split] = rng.integers(0, len(CLASSES), n)
+            features[split]["text"] += means[labels[split]].astype(np.float32)
+        else:
+            labels[split] = (features[split]["text"] @ w + 0.1 * rng.normal(size=n)).astype(np.float32)
+    return features, labels
+
+
+def approx(expected, rel=1e-9):
+    return pytest.approx(expected, rel=rel, abs=1e-12)
+
+
+def test_subsets_order():
+    assert P.SUBSETS == [("text",), ("audio",), ("vision",), ("text", "audio"), ("text", "vision"),
+                         ("audio", "vision"), ("text", "audio", "vision")]
+
+
+def test_classification_metrics_by_hand():
+    y_true, y_pred = np.array([0, 0, 1, 1, 2, 2]), np.array([0, 1, 1, 1, 2, 0])
+    m = P.classification_metrics(y_true, y_pred, ["a", "b", "c", "d"], iemocap=True)
+    assert m["accuracy"] == approx(4 / 6)
+    # per-class F1: a: P=R=1/2 -> 1/2; b: P=2/3, R=1 -> 4/5; c: P=1, R=1/2 -> 2/3; d: absent -> 0 (weight 0).
+    assert {c: v["f1"] for c, v in m["per_class"].items()} == approx({"a": 0.5, "b": 0.8, "c": 2 / 3, "d": 0.0})
+    assert {c: v["recall"] for c, v in m["per_class"].items()} == approx({"a": 0.5, "b": 1.0, "c": 0.5, "d": 0.0})
+    assert m["weighted_f1"] == approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert m["balanced_accuracy"] == approx((0.5 + 1.0 + 0.5) / 3)
+    # MulT's binary "is it a": truth 110000, pred 100001 -> acc 4/6; F1 positive 1/2 (support 2),
+    # negative P=R=3/4 -> 3/4 (support 4); weighted (2 * 1/2 + 4 * 3/4) / 6.
+    assert m["iemocap"]["a"] == approx({"accuracy": 4 / 6, "f1": (2 * 0.5 + 4 * 0.75) / 6})
+    assert "iemocap" not in P.classification_metrics(y_true, y_pred, ["a", "b", "c"])
+
+
+def test_classification_metrics_rejects_bad_ids():
+    with pytest.raises(ValueError, match="integer ids"):
+        P.classification_metrics(np.array([0, 3]), np.array([0, 1]), ["a", "b", "c"])
+    with pytest.raises(ValueError, match="equal length"):
+        P.classification_metrics(np.array([0, 1]), np.array([0]), ["a", "b"])
+
+
+def test_regression_metrics_by_hand():
+    y_true = np.array([-2.0, 0.0, 0.4, 1.5, 2.6, -3.7])
+    y_pred = np.array([-1.0, 0.2, -0.3, 2.5, 4.6, -3.2])
+    m = P.regression_metrics(y_true, y_pred)
+    # Non-zero Acc-2 drops the true 0: truth > 0 FTTTF, pred > 0 FFTTF -> 4/5. Weighted F1: positive
+    # P=1, R=2/3 -> 4/5 (support 3); negative P=2/3, R=1 -> 4/5 (support 2).
+    assert m["acc2"] == approx(4 / 5)
+    assert m["f1"] == approx(4 / 5)
+    # Has-0: truth >= 0 FTTTTF, pred >= 0 FTFTTF -> 5/6.
+    assert m["acc2_has0"] == approx(5 / 6)
+    # Acc-7, clipped then rounded half to even: truth -2 0 0 2 3 -3, pred -1 0 -0 2 3 -3 -> 5/6 (without the
+    # clipping 4.6 -> 5 and -3.7 -> -4 would miss; with half-away-from-zero 2.5 -> 3 would miss).
+    assert m["acc7"] == approx(5 / 6)
+    assert m["mae"] == approx((1.0 + 0.2 + 0.7 + 1.0 + 2.0 + 0.5) / 6)
+    assert m["corr"] == approx(np.corrcoef(y_true, y_pred)[0, 1])
+
+
+def test_regression_metrics_degenerate_cases():
+    y_true = np.array([-1.0, 0.5, 2.0])
+    m = P.regression_metrics(y_true, np.full(3, 0.7))  # constant predictions: r undefined -> 0, finite
+    assert m["corr"] == 0.0 and all(math.isfinite(v) for v in m.values())
+    assert P.regression_metrics(y_true, 2 * y_true)["corr"] == approx(1.0)
+    with pytest.raises(ValueError, match="every y_true is 0"):
+        P.regression_metrics(np.zeros(4), np.ones(4))
+    with pytest.raises(ValueError, match="finite"):
+        P.regression_metrics(y_true, np.array([0.0, np.nan, 1.0]))
+
+
+def test_probe_finds_the_informative_modality():
+    features, labels = synthetic("multiclass")
+    rows = P.probe(features, labels, "multiclass", CLASSES, dataset="iemocap")
+    assert [tuple(r["modalities"]) for r in rows] == P.SUBSETS
+    acc = {"".join(m[0] for m in r["modalities"]): r["metrics"]["accuracy"] for r in rows}
+    for subset, a in acc.items():
+        if "t" in subset:
+            assert a > 0.9, f"{subset}: accuracy {a:.3f} with the label-carrying text features"
+        else:
+            assert a < 0.4, f"{subset}: accuracy {a:.3f} from label-free features (chance is 0.25)"
+    for r in rows:
+        assert r["metrics"]["C"] in P.C_GRID
+        assert set(r["metrics"]["per_class"]) == set(CLASSES) == set(r["metrics"]["iemocap"])
+    assert P.probe(features, labels, "multiclass", CLASSES, dataset="iemocap") == rows  # deterministic
+
+
+def test_probe_regression_recovers_a_linear_target():
+    features, labels = synthetic("regression")
+    rows = P.probe(features, labels, "regression", None)
+    corr = {"".join(m[0] for m in r["modalities"]): r["metrics"]["corr"] for r in rows}
+    for subset, r in corr.items():
+        if "t" in subset:
+            assert r > 0.9, f"{subset}: Pearson r {r:.3f}"
+        else:
+            assert abs(r) < 0.3, f"{subset}: Pearson r {r:.3f} from features unrelated to the target"
+    assert all(r["metrics"]["alpha"] in P.ALPHA_GRID for r in rows)
+    assert set(rows[0]["metrics"]) == {"acc2", "acc2_has0", "f1", "f1_has0", "acc7", "mae", "corr", "alpha"}
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda f, l: f.pop("valid"), "split 'valid'"),
+    (lambda f, l: f["test"].pop("audio"), r"features\['test'\]\['audio'\]"),
+    (lambda f, l: f["train"]["vision"].__setitem__((0, 0), np.nan), "non-finite"),
+    (lambda f, l: f.__setitem__("valid", {m: x[:, :5] for m, x in f["valid"].items()}), "features, train has"),
+    (lambda f, l: l["test"].__setitem__(0, 4), r"labels\['test'\] must be class ids in \[0, 4\)"),
+])
+def test_probe_validates_inputs(change, match):
+    features, labels = synthetic("multiclass", d=8)
+    change(features, labels)
+    with pytest.raises(ValueError, match=match):
+        P.probe(features, labels, "multiclass", CLASSES)
+
+
+def test_probe_rejects_bad_task():
+    features, labels = synthetic("multiclass", d=8)
+    with pytest.raises(ValueError, match="task"):
+        P.probe(features, labels, "binary", CLASSES)
+    with pytest.raises(ValueError, match="class names"):
+        P.probe(features, labels, "multiclass", None)
+
+
+@pytest.fixture(scope="module")
+def result_rows():
+    features, labels = synthetic("multiclass", d=8)
+    rows = P.probe(features, labels, "multiclass", CLASSES, dataset="iemocap")
+    return [{"encoder": enc, **r} for enc in ("pairwise_nce", "random_init", "supervised") for r in rows]
+
+
+def test_write_results_round_trip(tmp_path, result_rows):
+    out = tmp_path / "run"
+    P.write_results(out, "iemocap", "multiclass", result_rows)
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved) == {"dataset", "task", "rows"}
+    assert (saved["dataset"], saved["task"]) == ("iemocap", "multiclass")
+    assert saved["rows"] == result_rows
+    assert all(set(r) == {"encoder", "modalities", "metrics"} for r in saved["rows"])
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.png"]  # no temporary files left
+
+
+def test_write_results_regression_plot(tmp_path):
+    features, labels = synthetic("regression", d=8)
+    rows = [{"encoder": "pairwise_nce", **r} for r in P.probe(features, labels, "regression", None)]
+    P.write_results(tmp_path, "mosi", "regression", rows)
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), None, "0.5"])
+def test_write_results_refuses_non_finite(tmp_path, result_rows, bad):
+    rows = [dict(r, metrics=dict(r["metrics"])) for r in result_rows]
+    rows[4]["metrics"]["per_class"] = {"happy": {"f1": bad}}
+    with pytest.raises(ValueError, match=r"row 4 \(pairwise_nce, text\+vision\)/per_class/happy/f1"):
+        P.write_results(tmp_path, "iemocap", "multiclass", rows)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_format_table(result_rows):
+    table = P.format_table(result_rows, "multiclass")
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(result_rows) and len({len(line.rstrip()) for line in lines[2:]}) == 1
+    first_column = {line.split()[0] for line in lines[2:] if not line.startswith(" ")}
+    assert first_column == {"T", "A", "V", "TA", "TV", "AV", "TAV"}
+    for enc in ("pairwise_nce", "random_init", "supervised"):
+        assert table.count(enc) == len(P.SUBSETS)
+    acc = result_rows[-1]["metrics"]["accuracy"]
+    assert f"{100 * acc:.1f}" in lines[-1]
+    reg = [{"modalities": ["audio"], "metrics": {"acc2": 0.5, "f1": 0.5, "acc7": 0.2, "mae": 1.0, "corr": 0.1}}]
+    assert "acc7%" in P.format_table(reg, "regression")
