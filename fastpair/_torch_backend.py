@@ -61,6 +61,17 @@ class Plan:
     return_stats: bool
     block: int
     temperature_shape: tuple[int, ...] | None  # None: the temperature needs no gradient
+    shard: object = None  # fastpair.distributed.Shard: this rank's rows of the gathered batch; None: all rows
+
+    def rows(self, n: int) -> tuple[int, int]:
+        """The row range [r0, r1) of S this process computes (all N rows without a process group)."""
+        if self.shard is None:
+            return 0, n
+        return self.shard.offset, self.shard.offset + self.shard.rows
+
+    @property
+    def world(self) -> int:
+        return 1 if self.shard is None else self.shard.world
 
     def bounded(self, k: int, dtype: torch.dtype) -> bool:
         return self.normalize and self.scales[k] <= _bound(dtype)
@@ -98,31 +109,34 @@ def _mask_bias(v: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(v).masked_fill_(v == 0, float("-inf"))
 
 
-def _forward_pair(x, y, v, scale, bounded, block, stats, buf):
-    """Row/column statistics of S = scale * x y^T over valid samples (v: 0/1 weights or None).
+def _forward_pair(x, y, v, scale, bounded, block, stats, buf, r0, r1):
+    """Statistics of the rows [r0, r1) of S = scale * x y^T over valid samples (v: 0/1 weights or None).
 
-    Returns (row, col, hits): bounded -> row and column sums of exp(S); online -> row and column
-    log2-sum-exp2 of S*log2(e) (0 at invalid samples); hits: (2, N) top-1 retrieval hits or None.
+    Returns (row, col, row_hits, col_best, col_arg): row (r1 - r0,) and col (N,) are, bounded, sums of
+    exp(S) and, online, log2-sum-exp2 of S*log2(e), the column ones over these rows only (all rows
+    without a process group; otherwise merged across ranks by _merge_columns). For statistics: row_hits
+    (r1 - r0,) top-1 retrieval hits, and per column the best logit over these rows and its first row.
     """
     n = x.shape[0]
-    xs = x * (scale * LOG2E)  # S * log2(e) comes straight out of the matmul
-    row = torch.empty(n, dtype=x.dtype, device=x.device)
+    xs = x[r0:r1] * (scale * LOG2E)  # S * log2(e) comes straight out of the matmul
+    row = torch.empty(r1 - r0, dtype=x.dtype, device=x.device)
     if bounded:
         col = torch.zeros(n, dtype=x.dtype, device=x.device)
     else:
         col = torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device)
         bias = _mask_bias(v) if v is not None else None
+    row_hits = col_best = col_arg = None
     if stats:
-        hits = torch.zeros(2, n, dtype=x.dtype, device=x.device)
+        row_hits = torch.zeros(r1 - r0, dtype=x.dtype, device=x.device)
         col_best = torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device)
         col_arg = torch.zeros(n, dtype=torch.long, device=x.device)
-    for i0 in range(0, n, block):
-        i1 = min(i0 + block, n)
-        s2 = torch.mm(xs[i0:i1], y.T, out=buf[: i1 - i0])
+    for i0 in range(r0, r1, block):
+        i1 = min(i0 + block, r1)
+        s2 = torch.mm(xs[i0 - r0:i1 - r0], y.T, out=buf[: i1 - i0])
         if stats:  # argmax over valid entries; exp2 below is monotone, so take it on the logits
             cand = s2 if v is None else s2 + _mask_bias(v)[None, :] + _mask_bias(v[i0:i1])[:, None]
             best = cand.argmax(dim=1)
-            hits[0, i0:i1] = (best == torch.arange(i0, i1, device=x.device)).to(x.dtype)
+            row_hits[i0 - r0:i1 - r0] = (best == torch.arange(i0, i1, device=x.device)).to(x.dtype)
             carg = cand.argmax(dim=0)  # first maximal row (max(dim) does not promise the first)
             cbest = cand.gather(0, carg[None, :]).squeeze(0)
             better = cbest > col_best  # strict: the first row block with the maximum wins
@@ -131,31 +145,53 @@ def _forward_pair(x, y, v, scale, bounded, block, stats, buf):
         if bounded:
             e = torch.exp2(s2, out=s2)
             if v is None:
-                row[i0:i1] = e.sum(dim=1)
+                row[i0 - r0:i1 - r0] = e.sum(dim=1)
                 col += e.sum(dim=0)
             else:
-                row[i0:i1] = torch.mv(e, v)
+                row[i0 - r0:i1 - r0] = torch.mv(e, v)
                 col += torch.mv(e.T, v[i0:i1])
         else:
             if v is not None:
                 s2 += bias[None, :]
                 s2 += bias[i0:i1, None]
-            row[i0:i1] = _log2sumexp2(s2, dim=1)
+            row[i0 - r0:i1 - r0] = _log2sumexp2(s2, dim=1)
             col = torch.logaddexp2(col, _log2sumexp2(s2, dim=0))
-    if not bounded and v is not None:  # invalid samples: finite placeholders, never used
-        row = torch.where(v > 0, row, torch.zeros_like(row))
-        col = torch.where(v > 0, col, torch.zeros_like(col))
-    if stats:
-        hits[1] = (col_arg == torch.arange(n, device=x.device)).to(x.dtype)
-    return row, col, (hits if stats else None)
+    return row, col, row_hits, col_best, col_arg
 
 
-def _backward_pair(x, y, v, scale, bounded, block, row, col, c, gx, gy, want_dt, buf, tmp):
-    """Accumulate dL/dx into gx and dL/dy into gy (w.r.t. the normalized inputs) for one pair.
+def _merge_columns(shard, cols: list, bounded: list[bool]) -> None:
+    """Column statistics of every rank's rows, in place: sums add; log2-sum-exp2s merge through their max."""
+    if shard is None or not cols:
+        return
+    for kind in (True, False):
+        idx = [i for i, b in enumerate(bounded) if b == kind]
+        if not idx:
+            continue
+        c = torch.stack([cols[i] for i in idx])
+        if kind:
+            shard.all_reduce(c)
+        else:
+            m = shard.all_reduce(c.clone(), torch.distributed.ReduceOp.MAX)
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            c = shard.all_reduce(torch.exp2(c - m)).log2() + m
+        for j, i in enumerate(idx):
+            cols[i] = c[j]
 
-    c: 0-d tensor, grad_output * w / (W * 2n) (0 when the pair has no valid sample).
+
+def _merge_argmax(shard, best: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
+    """The first row (over all ranks, in order) holding each column's maximum."""
+    top = shard.all_reduce(best.clone(), torch.distributed.ReduceOp.MAX)
+    first = torch.where(best == top, arg, torch.full_like(arg, torch.iinfo(arg.dtype).max))
+    return shard.all_reduce(first, torch.distributed.ReduceOp.MIN)
+
+
+def _backward_pair(x, y, v, scale, bounded, block, row, col, c, gx, gy, want_dt, buf, tmp, r0, r1):
+    """Accumulate dL/dx into gx and dL/dy into gy (w.r.t. the normalized inputs) from the rows [r0, r1).
+
+    c: 0-d tensor, grad_output * w / (W * 2n) (0 when the pair has no valid sample); row: the (r1 - r0,)
+    row statistics, col: the (N,) column statistics of the whole batch.
     With G = dL/dS: dL/dx = scale * G y, dL/dy = scale * G^T x; scale is folded into c.
-    Returns sum_ij G_ij S_ij = <dL/dx, x> (for dL/dt = -scale * that), or None.
+    Returns sum_ij G_ij S_ij = <dL/dx, x> over these rows (for dL/dt = -scale * that), or None.
     """
     n = x.shape[0]
     cs = c * scale
@@ -164,33 +200,32 @@ def _backward_pair(x, y, v, scale, bounded, block, row, col, c, gx, gy, want_dt,
     if bounded:
         # G' = scale * G = E * (a_i v_j + v_i b_j) - 2 c' v_i [i == j],  a = c' v / rowsum, b = c' v / colsum
         tiny = torch.finfo(x.dtype).tiny
-        vv = v if v is not None else 1.0
-        a = cs * vv / row.clamp_min(tiny)
-        b = cs * vv / col.clamp_min(tiny)
+        a = cs * (v[r0:r1] if v is not None else 1.0) / row.clamp_min(tiny)
+        b = cs * (v if v is not None else 1.0) / col.clamp_min(tiny)
         if v is not None:
-            left = torch.stack([a, v], dim=1)  # rank-2 outer sum a_i v_j + v_i b_j as a tiny matmul
+            left = torch.stack([a, v[r0:r1]], dim=1)  # rank-2 outer sum a_i v_j + v_i b_j as a tiny matmul
             right = torch.stack([v, b], dim=0)
     else:
         bias = _mask_bias(v) if v is not None else None
     sgs = torch.zeros((), dtype=x.dtype, device=x.device) if want_dt else None
-    for i0 in range(0, n, block):
-        i1 = min(i0 + block, n)
-        rows = i1 - i0
+    for i0 in range(r0, r1, block):
+        i1 = min(i0 + block, r1)
+        rows, local = i1 - i0, slice(i0 - r0, i1 - r0)
         g = torch.mm(xs[i0:i1], y.T, out=buf[:rows])  # S * log2(e), recomputed
         t = tmp[:rows]
         if bounded:
             torch.exp2(g, out=g)
             if v is None:
-                torch.add(a[i0:i1, None], b[None, :], out=t)
+                torch.add(a[local, None], b[None, :], out=t)
             else:
-                torch.mm(left[i0:i1], right, out=t)
+                torch.mm(left[local], right, out=t)
             g.mul_(t)
         else:
             if v is not None:
                 g += bias[None, :]
                 g += bias[i0:i1, None]
             torch.sub(g, col[None, :], out=t).exp2_()  # Q (column softmax), log2 domain
-            g.sub_(row[i0:i1, None]).exp2_()  # P (row softmax)
+            g.sub_(row[local, None]).exp2_()  # P (row softmax)
             g.add_(t).mul_(cs)
         g[:, i0:i1].diagonal().add_(diag[i0:i1])
         if want_dt:
@@ -229,42 +264,63 @@ def _forward(ctx, plan: Plan, temperature, mask, embeddings):
     cdtype = compute_dtype(in_dtype)
     device = embeddings[0].device
     n = embeddings[0].shape[0]
+    r0, r1 = plan.rows(n)
     num_pairs = len(plan.pairs)
     xs, invs = zip(*(_normalize(z, cdtype, plan.normalize) for z in embeddings))
     block = plan.block
-    buf = torch.empty(min(block, n), n, dtype=cdtype, device=device)
+    buf = torch.empty(min(block, max(r1 - r0, 1)), n, dtype=cdtype, device=device)
 
-    pair_losses = torch.zeros(num_pairs, dtype=cdtype, device=device)
+    # 1. row statistics of this process's rows; column statistics merged over every rank's rows
+    active = [k for k in range(num_pairs) if plan.active(k)]
+    found = {}
+    for k in active:
+        p, q = plan.pairs[k]
+        found[k] = _forward_pair(xs[p], xs[q], _valid(mask, p, q, cdtype), plan.scales[k],
+                                 plan.bounded(k, cdtype), block, plan.return_stats, buf, r0, r1)
+    cols = [found[k][1] for k in active]
+    _merge_columns(plan.shard, cols, [plan.bounded(k, cdtype) for k in active])
+
+    # 2. this process's terms: sum over its valid samples i of (lse_row_i - S_ii) + (lse_col_i - S_ii)
+    local_losses = torch.zeros(num_pairs, dtype=cdtype, device=device)
+    row_hits = torch.zeros(num_pairs, dtype=cdtype, device=device)
+    col_hits = torch.zeros(num_pairs, dtype=cdtype, device=device)
     counts = torch.zeros(num_pairs, dtype=cdtype, device=device)
-    accuracy = torch.zeros(num_pairs, 2, dtype=torch.float32, device=device)
-    saved_stats = []
-    for k, (p, q) in enumerate(plan.pairs):
-        if not plan.active(k):
-            saved_stats.append((None, None))
-            continue
+    saved_stats = [(None, None)] * num_pairs
+    for k, col in zip(active, cols):
+        p, q = plan.pairs[k]
+        row, _, hits, col_best, col_arg = found[k]
         v = _valid(mask, p, q, cdtype)
-        bounded = plan.bounded(k, cdtype)
         scale = plan.scales[k]
-        row, col, hits = _forward_pair(xs[p], xs[q], v, scale, bounded, block, plan.return_stats, buf)
-        diag = (xs[p] * xs[q]).sum(dim=1) * scale  # S_ii
-        if bounded:
-            lse_row, lse_col = torch.log(row), torch.log(col)
+        if not plan.bounded(k, cdtype) and v is not None:  # invalid samples: finite placeholders, never used
+            row = torch.where(v[r0:r1] > 0, row, torch.zeros_like(row))
+            col = torch.where(v > 0, col, torch.zeros_like(col))
+        diag = (xs[p][r0:r1] * xs[q][r0:r1]).sum(dim=1) * scale  # S_ii
+        if plan.bounded(k, cdtype):
+            lse_row, lse_col = torch.log(row), torch.log(col[r0:r1])
         else:
-            lse_row, lse_col = row * LN2, col * LN2
+            lse_row, lse_col = row * LN2, col[r0:r1] * LN2
         terms = lse_row + lse_col - 2.0 * diag
         count = torch.tensor(float(n), dtype=cdtype, device=device) if v is None else v.sum()
         if v is not None:
-            terms = torch.where(v > 0, terms, torch.zeros_like(terms))
-        pair_losses[k] = terms.sum() / (2.0 * count.clamp_min(1.0))
+            terms = torch.where(v[r0:r1] > 0, terms, torch.zeros_like(terms))
+        local_losses[k] = terms.sum() / (2.0 * count.clamp_min(1.0))
         counts[k] = count
         if hits is not None:
-            hit_sums = hits.sum(dim=1) if v is None else hits @ v
-            accuracy[k] = (hit_sums / count.clamp_min(1.0)).float()
-        saved_stats.append((row, col))
+            if plan.shard is not None:
+                col_arg = _merge_argmax(plan.shard, col_best, col_arg)
+            col_hit = (col_arg == torch.arange(n, device=device)).to(cdtype)
+            row_hits[k] = hits.sum() if v is None else hits @ v[r0:r1]
+            col_hits[k] = col_hit.sum() if v is None else col_hit @ v
+        saved_stats[k] = (row, col)
 
+    # 3. W times this process's share of the global loss (the loss itself without a process group)
     weights = torch.tensor(plan.weights, dtype=cdtype, device=device) * (counts > 0)
     total_weight = weights.sum()
-    loss = (weights * pair_losses).sum() / total_weight.clamp_min(torch.finfo(cdtype).tiny)
+    loss = plan.world * (weights * local_losses).sum() / total_weight.clamp_min(torch.finfo(cdtype).tiny)
+    if plan.shard is not None and plan.return_stats:  # the global batch's statistics
+        sums = plan.shard.all_reduce(torch.stack([local_losses, row_hits]))
+        local_losses, row_hits = sums[0], sums[1]
+    accuracy = (torch.stack([row_hits, col_hits], dim=1) / counts.clamp_min(1.0)[:, None]).float()
 
     ctx.plan = plan
     ctx.in_dtype = in_dtype
@@ -278,7 +334,7 @@ def _forward(ctx, plan: Plan, temperature, mask, embeddings):
     tensors += [mask if mask is not None else torch.empty(0)]
     ctx.save_for_backward(*tensors)
 
-    pair_losses = pair_losses.detach().float()
+    pair_losses = local_losses.detach().float()
     ctx.mark_non_differentiable(pair_losses, accuracy)
     return loss, pair_losses, accuracy
 
@@ -292,15 +348,16 @@ def _backward(ctx, grad_loss):
     mask = mask if ctx.has_mask else None
     cdtype = xs[0].dtype
     n = xs[0].shape[0]
+    r0, r1 = plan.rows(n)
     device = xs[0].device
     block = plan.block
-    buf = torch.empty(min(block, n), n, dtype=cdtype, device=device)
+    buf = torch.empty(min(block, max(r1 - r0, 1)), n, dtype=cdtype, device=device)
     tmp = torch.empty_like(buf)
 
     grads = [torch.zeros_like(x) for x in xs]
     g = grad_loss.to(cdtype)
-    # c_k = g * w_k / (W * 2 n_k); zero when W == 0 (no pair has a valid sample).
-    coef = g * weights / (total_weight.clamp_min(torch.finfo(cdtype).tiny) * 2.0 * counts.clamp_min(1.0))
+    # c_k = g * world * w_k / (W * 2 n_k); zero when W == 0 (no pair has a valid sample).
+    coef = g * plan.world * weights / (total_weight.clamp_min(torch.finfo(cdtype).tiny) * 2.0 * counts.clamp_min(1.0))
     want_dt = ctx.has_temperature and ctx.needs_input_grad[1]
     dts = []
     for k, (p, q) in enumerate(plan.pairs):
@@ -311,7 +368,8 @@ def _backward(ctx, grad_loss):
         v = _valid(mask, p, q, cdtype)
         bounded = plan.bounded(k, cdtype)
         sgs = _backward_pair(
-            xs[p], xs[q], v, plan.scales[k], bounded, block, row, col, coef[k], grads[p], grads[q], want_dt, buf, tmp
+            xs[p], xs[q], v, plan.scales[k], bounded, block, row, col, coef[k], grads[p], grads[q], want_dt, buf, tmp,
+            r0, r1,
         )
         # dL/dt = -(1/t) sum_ij G_ij S_ij = -scale * <dL/dx, x> (before the normalization backward)
         dts.append(-plan.scales[k] * sgs if want_dt else None)

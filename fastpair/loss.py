@@ -136,50 +136,13 @@ def _check_triton(z: torch.Tensor) -> None:
                          f"tensors), got tensors on {z.device}; use backend='torch' or 'auto'")
 
 
-def pairwise_nce(
-    *embeddings: torch.Tensor,
-    temperature=0.07,
-    weights=None,
-    mask: torch.Tensor | None = None,
-    normalize: bool = True,
-    backend: str = "auto",
-    group=None,
-    return_stats: bool = False,
-    block_size: int | None = None,
-):
-    r"""Symmetric InfoNCE loss of every modality pair, without materializing any N x N matrix.
-
-    Args:
-        *embeddings: M >= 2 tensors of shape (N, D), one per modality (e.g. text, audio, vision), same
-            N, D, dtype (float32, float16, bfloat16 or float64) and device; any strides.
-        temperature: float, 0-d tensor, or 1-d tensor with one entry per pair (P = M(M-1)/2). A tensor
-            that requires grad receives dL/dt (learnable shared or per-pair temperature).
-        weights: optional sequence (or 1-d tensor) of P non-negative numbers, not all zero.
-        mask: optional bool tensor (M, N); ``mask[m, i] = False`` marks modality m of sample i as missing:
-            it takes part in no pair and gets a zero gradient.
-        normalize: L2-normalize every embedding first (cosine similarities), as CLIP does.
-        backend: "auto" (Triton kernels for CUDA tensors when available, else "torch"), "torch" (exact
-            pure PyTorch, any device) or "triton".
-        group: torch.distributed process group for negatives from every rank (world size 1 only, for now).
-        return_stats: also return ``{"pair_losses": (P,), "pair_accuracy": (P, 2)}`` (detached, float32):
-            per-pair losses and top-1 in-batch retrieval accuracy x->y, y->x (0 for a pair with no valid sample).
-        block_size: rows per block of the torch backend (default: about 2^21 logits per block).
-
-    Pairs are ``itertools.combinations(range(M), 2)``. For pair (p, q) over its valid samples V (n = |V|),
-    with x, y the normalized z_p, z_q and S_ij = <x_i, y_j> / t_pq:
-
-        L_pq = 1/(2n) sum_{i in V} [(logsumexp_j S_ij - S_ii) + (logsumexp_j S_ji - S_ii)]
-        loss = sum_pq w_pq L_pq / sum_pq w_pq      (over pairs with n > 0; 0 if there is none)
-
-    Returns:
-        The loss, a 0-d tensor: float64 for float64 inputs, float32 otherwise; or (loss, stats).
-    """
+def _check_call(embeddings, temperature, weights, mask, normalize, return_stats, backend, block_size):
+    """Validate one call; returns (host temperatures or None, temperature shape, weights, use_triton)."""
     _check_embeddings(embeddings)
     num_modalities = len(embeddings)
     n, _ = embeddings[0].shape
     device = embeddings[0].device
-    pairs = modality_pairs(num_modalities)
-    num_pairs = len(pairs)
+    num_pairs = len(modality_pairs(num_modalities))
 
     # A temperature tensor's values are read (and checked) by the backend: the Triton path does it inside
     # its custom op, so that a torch.compile'd step traces through this function without a graph break.
@@ -208,27 +171,90 @@ def pairwise_nce(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if group is not None and _world_size(group) > 1:
-        raise NotImplementedError(
-            "pairwise_nce with a process group of more than one rank is not implemented yet "
-            "(global negatives across ranks are planned); call it without group= on the local batch"
-        )
 
     use_triton = backend == "triton"
     if use_triton:
         _check_triton(embeddings[0])
     elif backend == "auto" and device.type == "cuda" and embeddings[0].dtype != torch.float64:
         use_triton = _TRITON
+    return temps, temp_shape, ws, use_triton
+
+
+def pairwise_nce(
+    *embeddings: torch.Tensor,
+    temperature=0.07,
+    weights=None,
+    mask: torch.Tensor | None = None,
+    normalize: bool = True,
+    backend: str = "auto",
+    group=None,
+    return_stats: bool = False,
+    block_size: int | None = None,
+):
+    r"""Symmetric InfoNCE loss of every modality pair, without materializing any N x N matrix.
+
+    Args:
+        *embeddings: M >= 2 tensors of shape (N, D), one per modality (e.g. text, audio, vision), same
+            N, D, dtype (float32, float16, bfloat16 or float64) and device; any strides.
+        temperature: float, 0-d tensor, or 1-d tensor with one entry per pair (P = M(M-1)/2). A tensor
+            that requires grad receives dL/dt (learnable shared or per-pair temperature).
+        weights: optional sequence (or 1-d tensor) of P non-negative numbers, not all zero.
+        mask: optional bool tensor (M, N); ``mask[m, i] = False`` marks modality m of sample i as missing:
+            it takes part in no pair and gets a zero gradient.
+        normalize: L2-normalize every embedding first (cosine similarities), as CLIP does.
+        backend: "auto" (Triton kernels for CUDA tensors when available, else "torch"), "torch" (exact
+            pure PyTorch, any device) or "triton".
+        group: a torch.distributed process group of W ranks: negatives from every rank. Each rank passes
+            its local batch (sizes may differ; D, M, dtype and backend may not); every modality is
+            all-gathered with autograd, this rank's samples are scored against the whole batch in both
+            directions of every pair, and the result is W times this rank's share of the global loss: the
+            mean over ranks is the loss of the concatenated batch (ranks in order), and under
+            DistributedDataParallel the averaged gradients are the single-process ones. Statistics are
+            the global batch's. What is communicated, and when: ``fastpair.distributed``. A bad input on
+            any rank raises on every rank. World size 1: the plain loss.
+        return_stats: also return ``{"pair_losses": (P,), "pair_accuracy": (P, 2)}`` (detached, float32):
+            per-pair losses and top-1 in-batch retrieval accuracy x->y, y->x (0 for a pair with no valid sample).
+        block_size: rows per block of the torch backend (default: about 2^21 logits per block).
+
+    Pairs are ``itertools.combinations(range(M), 2)``. For pair (p, q) over its valid samples V (n = |V|),
+    with x, y the normalized z_p, z_q and S_ij = <x_i, y_j> / t_pq:
+
+        L_pq = 1/(2n) sum_{i in V} [(logsumexp_j S_ij - S_ii) + (logsumexp_j S_ji - S_ii)]
+        loss = sum_pq w_pq L_pq / sum_pq w_pq      (over pairs with n > 0; 0 if there is none)
+
+    Returns:
+        The loss, a 0-d tensor: float64 for float64 inputs, float32 otherwise; or (loss, stats).
+    """
+    world = 1 if group is None else _world_size(group)
+    if world == 1:
+        temps, temp_shape, ws, use_triton = _check_call(
+            embeddings, temperature, weights, mask, normalize, return_stats, backend, block_size)
+        shard = None
+    else:  # every rank learns whether every rank's input is valid before any rank waits in a collective
+        from . import distributed
+
+        error = None
+        try:
+            temps, temp_shape, ws, use_triton = _check_call(
+                embeddings, temperature, weights, mask, normalize, return_stats, backend, block_size)
+        except (ValueError, TypeError, RuntimeError) as err:
+            error, use_triton = err, False
+        shard = distributed.exchange(group, embeddings, mask, use_triton, error)
+        embeddings = [distributed.gather_with_grad(z, shard) for z in embeddings]
+        mask = distributed.gather_mask(mask, len(embeddings), shard, embeddings[0].device) if shard.masked else None
+    num_pairs = len(ws)
+    pairs = modality_pairs(len(embeddings))
 
     if use_triton:
         from .kernels.pairwise_nce import pairwise_nce_triton
 
         loss, pair_losses, accuracy = pairwise_nce_triton(
-            list(embeddings), temperature if temps is None else temps, num_pairs, ws, mask, normalize, return_stats
+            list(embeddings), temperature if temps is None else temps, num_pairs, ws, mask, normalize, return_stats,
+            shard,
         )
     else:
         loss, pair_losses, accuracy = _torch_path(
-            embeddings, temperature, temps, temp_shape, pairs, ws, mask, normalize, return_stats, block_size
+            embeddings, temperature, temps, temp_shape, pairs, ws, mask, normalize, return_stats, block_size, shard
         )
     if return_stats:
         return loss, {"pair_losses": pair_losses, "pair_accuracy": accuracy}
@@ -236,7 +262,8 @@ def pairwise_nce(
 
 
 @torch.compiler.disable  # runs eagerly inside a compiled step: a host-side plan and a blocked Python loop
-def _torch_path(embeddings, temperature, temps, temp_shape, pairs, ws, mask, normalize, return_stats, block_size):
+def _torch_path(embeddings, temperature, temps, temp_shape, pairs, ws, mask, normalize, return_stats, block_size,
+                shard):
     if temps is None:
         temps = tensor_values(temperature, len(pairs))
         check_temperatures(temps)
@@ -249,5 +276,6 @@ def _torch_path(embeddings, temperature, temps, temp_shape, pairs, ws, mask, nor
         return_stats=return_stats,
         block=block_size or _torch_backend.default_block(embeddings[0].shape[0]),
         temperature_shape=temp_shape if temp_tensor is not None else None,
+        shard=shard,
     )
     return PairwiseNCEFunction.apply(plan, temp_tensor, mask, *embeddings)

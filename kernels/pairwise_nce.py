@@ -99,10 +99,10 @@ def _valid(valid_ptr, a, b, offs, N, HAS_MASK: tl.constexpr):
 # Batch-dependent integers are not specialized (Triton would otherwise compile a variant for N == 1 and for
 # N % 16 == 0, and for every such class of a panel's offsets): fewer compilations, same loads (the large
 # tile loads use the strides, which stay specialized). Not yet measured on a GPU.
-@triton.jit(do_not_specialize=["N", "N_BUCKET", "D_BUCKET"])
+@triton.jit(do_not_specialize=["N", "ROW0", "N_ROWS", "N_BUCKET", "D_BUCKET"])
 def _fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, dir_ptr,
                 lse_ptr, diag_ptr, hit_ptr, colsum_ptr,
-                N, D, stride_m, stride_n, N_BUCKET, D_BUCKET,
+                N, ROW0, N_ROWS, D, stride_m, stride_n, N_BUCKET, D_BUCKET,
                 HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, ATOMIC_COLS: tl.constexpr, STATS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr):
@@ -111,10 +111,11 @@ def _fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, dir_ptr,
     a = tl.load(dir_ptr + 3 * d)
     b = tl.load(dir_ptr + 3 * d + 1)
     k = tl.load(dir_ptr + 3 * d + 2)
-    m_start = pid_m * BLOCK_M
+    m_start = ROW0 + pid_m * BLOCK_M  # rows [ROW0, ROW0 + N_ROWS) of S: all N, or one rank's share
     offs_m = m_start + tl.arange(0, BLOCK_M)
-    row_ok = _valid(valid_ptr, a, b, offs_m, N, HAS_MASK)
-    row_f = tl.load(rnorm_ptr + a * N + offs_m, mask=offs_m < N, other=0.0) * tl.load(scale2_ptr + k)
+    in_rows = offs_m < ROW0 + N_ROWS
+    row_ok = _valid(valid_ptr, a, b, offs_m, N, HAS_MASK) & in_rows
+    row_f = tl.load(rnorm_ptr + a * N + offs_m, mask=in_rows, other=0.0) * tl.load(scale2_ptr + k)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -153,27 +154,28 @@ def _fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, dir_ptr,
     else:
         lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log2(l_i)
     lse = tl.where(row_ok, lse, 0.0)
-    out = d.to(tl.int64) * N + offs_m
-    tl.store(lse_ptr + out, lse, mask=offs_m < N)
-    tl.store(diag_ptr + out, diag, mask=offs_m < N)
+    out = d.to(tl.int64) * N_ROWS + (offs_m - ROW0)
+    tl.store(lse_ptr + out, lse, mask=in_rows)
+    tl.store(diag_ptr + out, diag, mask=in_rows)
     if STATS:
-        tl.store(hit_ptr + out, ((best_idx == offs_m) & row_ok).to(tl.float32), mask=offs_m < N)
+        tl.store(hit_ptr + out, ((best_idx == offs_m) & row_ok).to(tl.float32), mask=in_rows)
 
 
-@triton.jit(do_not_specialize=["N", "N_BUCKET", "NUM_ROW_BLOCKS"])
+@triton.jit(do_not_specialize=["N", "ROW0", "N_ROWS", "N_BUCKET", "NUM_ROW_BLOCKS"])
 def _bwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, partner_ptr, lse_ptr,
                 dx_ptr, sgs_ptr,
-                N, D, stride_m, stride_n, N_BUCKET, NUM_PARTNERS, NUM_ROW_BLOCKS,
+                N, ROW0, N_ROWS, D, stride_m, stride_n, N_BUCKET, NUM_PARTNERS, NUM_ROW_BLOCKS,
                 HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, NEEDS_DT: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DO: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     a = tl.program_id(1)
     pid_d = tl.program_id(2)
-    m_start = pid_m * BLOCK_M
+    m_start = ROW0 + pid_m * BLOCK_M
     offs_m = m_start + tl.arange(0, BLOCK_M)
+    in_rows = offs_m < ROW0 + N_ROWS
     offs_do = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    ra = tl.load(rnorm_ptr + a * N + offs_m, mask=offs_m < N, other=0.0)
+    ra = tl.load(rnorm_ptr + a * N + offs_m, mask=in_rows, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     for j in range(NUM_PARTNERS):
         entry = partner_ptr + (a * NUM_PARTNERS + j) * 4
@@ -183,7 +185,7 @@ def _bwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, partner_ptr, 
         other = tl.load(entry + 3)
         scale2 = tl.load(scale2_ptr + k)
         coef = tl.load(coef_ptr + k)
-        row_ok = _valid(valid_ptr, a, b, offs_m, N, HAS_MASK)
+        row_ok = _valid(valid_ptr, a, b, offs_m, N, HAS_MASK) & in_rows
         row_f = ra * scale2
         lse_own = tl.load(lse_ptr + own.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0)
         if BOUNDED:
@@ -215,7 +217,7 @@ def _bwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, partner_ptr, 
             if (a < b) & (pid_d == 0):  # the p side of pair k writes its (pair, row block) partial
                 tl.store(sgs_ptr + k * NUM_ROW_BLOCKS + pid_m, tl.sum(sgs, axis=0))
     out = dx_ptr + a.to(tl.int64) * N * D + offs_m.to(tl.int64)[:, None] * D + offs_do[None, :]
-    tl.store(out, acc, mask=(offs_m[:, None] < N) & (offs_do[None, :] < D))
+    tl.store(out, acc, mask=in_rows[:, None] & (offs_do[None, :] < D))
 
 
 @triton.jit(do_not_specialize=["N", "k", "row0", "rows", "N_BUCKET", "D_BUCKET"])
@@ -433,10 +435,16 @@ def _stage(zs, mask):
     return z, mask.to(torch.int8).contiguous()
 
 
-def forward(zs, scales, pairs, mask, normalize: bool, stats: bool, deterministic: bool, cfg=None, scale2=None):
-    """Returns a dict of O(N) statistics and the stacked inputs for the backward pass."""
+def forward(zs, scales, pairs, mask, normalize: bool, stats: bool, deterministic: bool, cfg=None, scale2=None,
+            row0: int = 0, rows: int | None = None):
+    """Returns a dict of O(N) statistics and the stacked inputs for the backward pass.
+
+    rows [row0, row0 + rows) of S (default all N): lse, diag and hits are (directions, rows); the fast
+    path's column sums (over these rows only) are returned as "colsum" (P, N) for the caller to merge
+    across ranks, and its lse table then holds the row statistics only (P, rows)."""
     m = len(zs)
     n, d = zs[0].shape
+    rows = n if rows is None else rows
     device = zs[0].device
     z, valid = _stage(zs, mask)
     if normalize:  # fp32 norms without an fp32 copy of the inputs
@@ -452,18 +460,21 @@ def forward(zs, scales, pairs, mask, normalize: bool, stats: bool, deterministic
         directed = [t for k, (p, q) in enumerate(pairs) for t in ((p, q, k), (q, p, k))]
     dirs = _const(tuple(directed), torch.int32, str(device))
     num_dir = len(directed)
-    lse = torch.empty(num_dir, n, dtype=torch.float32, device=device)
-    diag = torch.empty(num_dir, n, dtype=torch.float32, device=device)
-    hits = torch.empty(num_dir, n, dtype=torch.float32, device=device) if stats else lse
+    lse = torch.empty(num_dir, rows, dtype=torch.float32, device=device)
+    diag = torch.empty(num_dir, rows, dtype=torch.float32, device=device)
+    hits = torch.empty(num_dir, rows, dtype=torch.float32, device=device) if stats else lse
     colsum = torch.zeros(len(pairs), n, dtype=torch.float32, device=device) if atomic else lse
     # cfg: explicit tiles (bench/tune_gpu.py); by default the autotuned kernel picks them
     kernel, tiles = (_fwd_tuned, {}) if cfg is None else (_fwd_kernel, cfg)
-    kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), num_dir)](
+    kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), num_dir)](
         z, rnorm, valid, scale2, dirs, lse, diag, hits, colsum,
-        n, d, z.stride(0), z.stride(1), *_buckets(n, d),
+        n, row0, rows, d, z.stride(0), z.stride(1), *_buckets(n, d),
         HAS_MASK=mask is not None, BOUNDED=bounded, ATOMIC_COLS=atomic, STATS=stats,
         INPUT_PRECISION=_input_precision(zs[0].dtype), **tiles,
     )
+    if atomic and rows < n:  # one rank's rows: the column sums are partial, merged by the caller
+        return dict(z=z, rnorm=rnorm, valid=valid, scale2=scale2, lse=lse, diag=diag, colsum=colsum,
+                    hits=None, bounded=bounded)
     if atomic:
         # lse table in the two-direction layout: 2k = rows of p (row stats), 2k+1 = rows of q (column stats)
         col = torch.log2(colsum)
@@ -479,20 +490,23 @@ def _pair_valid(mask, pairs):
     return torch.stack([mask[p] & mask[q] for p, q in pairs])
 
 
-def backward(saved, coef, pairs, num_modalities, has_mask: bool, needs_dt: bool, in_dtype, cfg=None):
-    """dL/dx (w.r.t. the normalized inputs, fp32, (M, N, D)) and per-pair sum_ij G_ij S2_ij (or None)."""
+def backward(saved, coef, pairs, num_modalities, has_mask: bool, needs_dt: bool, in_dtype, cfg=None,
+             row0: int = 0, rows: int | None = None):
+    """dL/dx (w.r.t. the normalized inputs, fp32, (M, N, D)) and per-pair sum_ij G_ij S2_ij (or None).
+    Only the rows [row0, row0 + rows) get their (complete) gradient; the others are zero."""
     z = saved["z"]
     _, n, d = z.shape
+    rows = n if rows is None else rows
     device = z.device
     cfg = cfg or _fused_bwd_blocks(d)
     partners = _pair_tables(num_modalities, pairs, device)
-    num_row_blocks = triton.cdiv(n, cfg["BLOCK_M"])
-    dx = torch.empty(num_modalities, n, d, dtype=torch.float32, device=device)
+    num_row_blocks = triton.cdiv(rows, cfg["BLOCK_M"])
+    dx = (torch.empty if rows == n else torch.zeros)(num_modalities, n, d, dtype=torch.float32, device=device)
     sgs = torch.zeros(len(pairs), num_row_blocks, dtype=torch.float32, device=device)
     grid = (num_row_blocks, num_modalities, triton.cdiv(d, cfg["BLOCK_DO"]))
     _bwd_kernel[grid](
         z, saved["rnorm"], saved["valid"], saved["scale2"], coef, partners, saved["lse"], dx, sgs,
-        n, d, z.stride(0), z.stride(1), triton.next_power_of_2(n), num_modalities - 1, num_row_blocks,
+        n, row0, rows, d, z.stride(0), z.stride(1), triton.next_power_of_2(n), num_modalities - 1, num_row_blocks,
         HAS_MASK=has_mask, BOUNDED=saved["bounded"], NEEDS_DT=needs_dt,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_DO=cfg["BLOCK_DO"],
         INPUT_PRECISION=_input_precision(in_dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -515,22 +529,25 @@ def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def backward_panels(saved, coef, pairs, num_modalities, has_mask: bool, needs_dt: bool, in_dtype, cfg=None,
-                    panel_rows=None):
+                    panel_rows=None, row0: int = 0, rows: int | None = None):
     """Like `backward`, but returns dL/dx times r = 1/max(||z||, eps) per row (fp32, (M, N, D)).
 
     Per pair and row panel, one Triton kernel writes the panel of W = diag(r_p) G diag(r_q) / t
     (recomputing S), then two GEMMs take it to both gradients. Work per pair: the 4 N x N x D passes of
     the floor (S forward, S again, dX, dY), plus writing and twice reading W (2 bytes per logit for
     16-bit inputs). Deterministic: no atomics, fixed summation order (cuBLAS needs
-    CUBLAS_WORKSPACE_CONFIG under torch.use_deterministic_algorithms, as PyTorch says)."""
+    CUBLAS_WORKSPACE_CONFIG under torch.use_deterministic_algorithms, as PyTorch says).
+    Only the rows [row0, row0 + rows) of each W (one rank's share) when given: the gradient of those
+    rows of x_p, and their contribution to every row of x_q."""
     z = saved["z"]
     _, n, d = z.shape
+    first, last = row0, row0 + (n if rows is None else rows)
     device = z.device
     w_dtype = z.dtype
     # panel height: independent of the tiles (a multiple of every BLOCK_M) so the autotuner may pick them
     step = max(c.kwargs["BLOCK_M"] for c in _PANEL_CONFIGS) if cfg is None else cfg["BLOCK_M"]
     rows = panel_rows or max(step, min(n, PANEL_BYTES // (n * z.element_size())))
-    rows = min(n, -(-rows // step) * step)
+    rows = max(1, min(last - first, -(-rows // step) * step))
     w = torch.empty(rows, n, dtype=w_dtype, device=device)
     dxw = torch.zeros(num_modalities, n, d, dtype=torch.float32, device=device)
     sgs = torch.zeros(len(pairs), dtype=torch.float32, device=device)
@@ -541,8 +558,8 @@ def backward_panels(saved, coef, pairs, num_modalities, has_mask: bool, needs_dt
     pair_table = _const(tuple(pairs), torch.int32, str(device))
     kernel, tiles = (_panel_tuned, {}) if cfg is None else (_grad_panel_kernel, cfg)
     for k, (p, q) in enumerate(pairs):
-        for row0 in range(0, n, rows):
-            r = min(rows, n - row0)
+        for row0 in range(first, last, rows):
+            r = min(rows, last - row0)
             if needs_dt:
                 part.zero_()  # a launch writes one partial per tile: none may stay from a larger grid
             kernel[lambda meta, r=r: (triton.cdiv(r, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
@@ -593,48 +610,91 @@ def _temperatures(temperature: torch.Tensor, known: list[float]) -> list[float]:
 
 # Bump when an op's signature or autograd formula changes: torch.compile's on-disk caches key a compiled
 # step on its forward graph and could replay a backward recorded against the old op.
-OPS_VERSION = 1
+OPS_VERSION = 2
+
+# Process groups by name: a custom op's arguments cannot hold a ProcessGroup (see pairwise_nce_triton)
+_GROUPS: dict[str, object] = {}
+
+
+def _shard(sizes: list[int], rank: int, group: str):
+    """The fastpair.distributed.Shard of a call, or None without a process group (sizes == [])."""
+    if not sizes:
+        return None
+    from fastpair.distributed import Shard
+
+    return Shard(group=_GROUPS[group], rank=rank, sizes=tuple(sizes), masked=False)
+
+
+def _rows(shard, n: int) -> tuple[int, int]:
+    return (0, n) if shard is None else (shard.offset, shard.rows)
 
 
 @torch.library.custom_op(f"fastpair::pairwise_nce_fwd_v{OPS_VERSION}", mutates_args=())
 def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t: list[float],
-                     mask: torch.Tensor | None, weights: list[float], normalize: bool, stats: bool
+                     mask: torch.Tensor | None, weights: list[float], normalize: bool, stats: bool,
+                     sizes: list[int], rank: int, group: str,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor]:
-    """Returns loss, pair_losses (P,), accuracy (P, 2), lse2 (2P, N), r (M, N), coef (P,) = w / (W 2 n),
+    """Returns loss, pair_losses (P,), accuracy (P, 2), lse2 (2P, N), r (M, N), coef (P,) = W' w / (W 2 n),
     and `bounded` as a 0-d bool tensor on the CPU (so that the backward reads it without a device sync).
-    temperature: (P,) tensor; known_t: the same values as numbers when the caller had them (no sync)."""
+    temperature: (P,) tensor; known_t: the same values as numbers when the caller had them (no sync).
+    sizes, rank, group: with a process group of W' ranks, the zs are the gathered batch, this rank computes
+    the rows of its samples, and the loss is W' times its share (fastpair.distributed); [] , 0, "" without."""
     pairs = _pairs(len(zs))
     scales = [1.0 / t for t in _temperatures(temperature, known_t)]
     n = zs[0].shape[0]
+    shard = _shard(sizes, rank, group)
+    row0, rows = _rows(shard, n)
+    world = 1 if shard is None else shard.world
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
         scale2 = (LOG2E / temperature.float()).contiguous()  # on the device: no copy from the host
         saved = forward(zs, scales, pairs, mask, normalize, stats, torch.are_deterministic_algorithms_enabled(),
-                        scale2=scale2)
+                        scale2=scale2, row0=row0, rows=rows)
         lse, diag = saved["lse"], saved["diag"]
-        terms = (lse[0::2] + lse[1::2] - 2.0 * diag[0::2]) * LN2  # (P, N): row + column term per sample
-        if mask is not None:
-            pv = _pair_valid(mask, pairs)
-            terms = torch.where(pv, terms, torch.zeros_like(terms))
+        pv = _pair_valid(mask, pairs) if mask is not None else None
+        if shard is not None:  # (2P, N): this rank's row statistics and the global column statistics
+            lse, diag = _global_table(shard, saved, pv, len(pairs), n), diag
+            if "colsum" in saved:
+                diag = diag.repeat_interleave(2, dim=0)
+        local = lse[:, row0:row0 + rows]
+        terms = (local[0::2] + local[1::2] - 2.0 * diag[0::2]) * LN2  # (P, rows): row + column term per sample
+        if pv is not None:
+            terms = torch.where(pv[:, row0:row0 + rows], terms, torch.zeros_like(terms))
             counts = pv.sum(dim=1).float()
         else:
             counts = torch.full((len(pairs),), float(n), device=terms.device)
         pair_losses = terms.sum(dim=1) / (2.0 * counts.clamp_min(1.0))
         w = _const(tuple(weights), torch.float32, str(terms.device)) * (counts > 0)
         total = w.sum().clamp_min(torch.finfo(torch.float32).tiny)
-        loss = (w * pair_losses).sum() / total
+        loss = world * (w * pair_losses).sum() / total
         accuracy = torch.zeros(len(pairs), 2, dtype=torch.float32, device=terms.device)
         if stats:
             hits = saved["hits"]
-            accuracy = torch.stack([hits[0::2].sum(dim=1), hits[1::2].sum(dim=1)], dim=1)
-            accuracy = accuracy / counts.clamp_min(1.0)[:, None]
-        coef = w / (total * 2.0 * counts.clamp_min(1.0))
+            sums = torch.stack([pair_losses, hits[0::2].sum(dim=1), hits[1::2].sum(dim=1)])
+            if shard is not None:  # the global batch's statistics
+                sums = shard.all_reduce(sums)
+            pair_losses, accuracy = sums[0], sums[1:].T / counts.clamp_min(1.0)[:, None]
+        coef = world * w / (total * 2.0 * counts.clamp_min(1.0))
     bounded = torch.tensor(saved["bounded"], dtype=torch.bool)  # host memory
     return loss, pair_losses, accuracy, lse.contiguous(), saved["rnorm"], coef, bounded
 
 
+def _global_table(shard, saved, pair_valid, num_pairs: int, n: int) -> torch.Tensor:
+    """The (2P, N) lse2 table of the whole batch that the backward reads (rows 2k: the row statistics of
+    pair k, rows 2k+1: its column statistics), from every rank's rows, all-gathered; on the fast path the
+    column statistics come from the all-reduced column sums instead. (The panel backward reads only this
+    rank's row statistics; the fused one reads all of them.)"""
+    table = shard.gather_rows(saved["lse"].T.contiguous()).T.contiguous()
+    if "colsum" not in saved:  # two directions swept: both statistics of every row are in the table
+        return table
+    col = torch.log2(shard.all_reduce(saved["colsum"]))
+    if pair_valid is not None:
+        col = torch.where(pair_valid, col, torch.zeros_like(col))
+    return torch.stack([table, col], dim=1).reshape(2 * num_pairs, n)
+
+
 @pairwise_nce_fwd.register_fake
-def _(zs, temperature, known_t, mask, weights, normalize, stats):
+def _(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, group):
     m, n = len(zs), zs[0].shape[0]
     p = m * (m - 1) // 2
 
@@ -647,10 +707,14 @@ def _(zs, temperature, known_t, mask, weights, normalize, stats):
 @torch.library.custom_op(f"fastpair::pairwise_nce_bwd_v{OPS_VERSION}", mutates_args=())
 def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: torch.Tensor,
                      mask: torch.Tensor | None, lse: torch.Tensor, rnorm: torch.Tensor, coef: torch.Tensor,
-                     bounded: torch.Tensor, normalize: bool, needs_dt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     bounded: torch.Tensor, normalize: bool, needs_dt: bool, sizes: list[int], rank: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns dL/dz stacked (M, N, D) in the input dtype and dL/dt (P,) (zeros when not needed).
-    bounded: the forward's 0-d CPU bool; the temperatures are not read on the host again."""
+    bounded: the forward's 0-d CPU bool; the temperatures are not read on the host again. With a
+    process group, the gradient of this rank's share of the loss w.r.t. the gathered batch (no
+    communication here: the gather's backward sums the ranks' gradients)."""
     pairs = _pairs(len(zs))
+    row0, rows = (0, zs[0].shape[0]) if not sizes else (sum(sizes[:rank]), sizes[rank])
     in_dtype = zs[0].dtype
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
         z, valid = _stage(zs, mask)
@@ -658,7 +722,7 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
         saved = dict(z=z, rnorm=rnorm, valid=valid, scale2=scale2, lse=lse, bounded=bool(bounded.item()))
         run = backward_panels if BACKWARD == "panel" else backward
         dx, sgs = run(saved, (grad.float() * coef).contiguous(), pairs, len(zs), mask is not None, needs_dt,
-                      in_dtype)
+                      in_dtype, row0=row0, rows=rows)
         grads = input_grads(dx, z, rnorm, normalize, run is backward_panels, in_dtype)
         if needs_dt:  # dL/dt = -(1/t) sum G S, S = S2 ln 2
             dt = -(LN2 / temperature.float()) * sgs
@@ -668,16 +732,17 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
 
 
 @pairwise_nce_bwd.register_fake
-def _(grad, zs, temperature, mask, lse, rnorm, coef, bounded, normalize, needs_dt):
+def _(grad, zs, temperature, mask, lse, rnorm, coef, bounded, normalize, needs_dt, sizes, rank):
     m, (n, d) = len(zs), zs[0].shape
     return zs[0].new_empty((m, n, d)), zs[0].new_empty((m * (m - 1) // 2,), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    zs, temperature, known_t, mask, weights, normalize, stats = inputs
+    zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, _group = inputs
     _, pair_losses, accuracy, lse, rnorm, coef, bounded = output
     ctx.save_for_backward(temperature, lse, rnorm, coef, bounded, *zs)
     ctx.mask = mask
+    ctx.sizes, ctx.rank = sizes, rank
     ctx.known_t = known_t
     ctx.normalize = normalize
     ctx.needs_dt = temperature.requires_grad
@@ -687,19 +752,22 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_unused):
     temperature, lse, rnorm, coef, bounded, *zs = ctx.saved_tensors
     grads, dt = pairwise_nce_bwd(grad_loss, zs, temperature, ctx.mask, lse, rnorm, coef, bounded,
-                                 ctx.normalize, ctx.needs_dt)
+                                 ctx.normalize, ctx.needs_dt, ctx.sizes, ctx.rank)
     # torch.library matches the gradient structure to the inputs' pytree, where an empty list stays a list
     known_grad = [] if not ctx.known_t else None
-    return list(grads.unbind(0)), (dt if ctx.needs_dt else None), known_grad, None, None, None, None
+    sizes_grad = [] if not ctx.sizes else None
+    return (list(grads.unbind(0)), (dt if ctx.needs_dt else None), known_grad, None, None, None, None,
+            sizes_grad, None, None)
 
 
 pairwise_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def pairwise_nce_triton(zs, temperature, num_pairs: int, weights, mask, normalize: bool, stats: bool):
+def pairwise_nce_triton(zs, temperature, num_pairs: int, weights, mask, normalize: bool, stats: bool,
+                        shard=None):
     """Loss, pair losses and accuracy through the custom ops. temperature: the P checked host values, or
     a 0-d / (P,) tensor (its gradient flows; its values are read and checked inside the ops, one small
-    host sync each)."""
+    host sync each). shard: a fastpair.distributed.Shard when zs are the batch gathered from a group."""
     device = zs[0].device
     if isinstance(temperature, torch.Tensor):
         t = temperature.to(device=device, dtype=torch.float32).reshape(-1)
@@ -711,6 +779,14 @@ def pairwise_nce_triton(zs, temperature, num_pairs: int, weights, mask, normaliz
             t = torch.tensor(known, dtype=torch.float32, device=device)
         else:
             t = _const(tuple(known), torch.float32, str(device))
-    loss, pair_losses, accuracy, *_ = pairwise_nce_fwd(zs, t, known, mask, [float(w) for w in weights],
-                                                       normalize, stats)
+    sizes, rank, group = [], 0, ""
+    if shard is not None:  # the forward op finds the group by name (the backward communicates nothing)
+        group = f"{id(shard.group)}"
+        _GROUPS[group] = shard.group
+        sizes, rank = list(shard.sizes), shard.rank
+    try:
+        loss, pair_losses, accuracy, *_ = pairwise_nce_fwd(zs, t, known, mask, [float(w) for w in weights],
+                                                           normalize, stats, sizes, rank, group)
+    finally:  # no reference may outlive the call: a group destroyed at exit with one held aborts the process
+        _GROUPS.pop(group, None)
     return loss, pair_losses, accuracy

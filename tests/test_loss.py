@@ -382,7 +382,7 @@ def test_custom_ops_pass_opcheck(triton_only):
     zs = [randn(20, 8, seed=k, device=dev).requires_grad_() for k in range(3)]
     t = torch.tensor([0.05, 0.1, 0.2], device=dev, requires_grad=True)
     mask = torch.rand(3, 20, generator=torch.Generator().manual_seed(3)).to(dev) > 0.2
-    torch.library.opcheck(K.pairwise_nce_fwd, (zs, t, [], mask, [1.0, 2.0, 0.5], True, False),
+    torch.library.opcheck(K.pairwise_nce_fwd, (zs, t, [], mask, [1.0, 2.0, 0.5], True, False, [], 0, ""),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 

@@ -1,0 +1,157 @@
+"""Global negatives across ranks: what ``pairwise_nce(..., group=pg)`` communicates, and when.
+
+Every rank passes its local batch (N_r samples; sizes may differ). For a world size W > 1, one call does:
+
+1. ``exchange``: one all_gather of a small int64 header per rank (valid input?, N_r, D, M, dtype, mask?,
+   backend). Every rank then checks every header, so an input that is bad on one rank, or D, M, dtype or
+   backend that differ between ranks, raise the same kind of error on every rank instead of leaving the
+   others waiting in a collective. The header is copied to the host (one small sync per call).
+2. ``gather``: each modality is all-gathered (padded to the largest N_r) into the global batch
+   (N = sum N_r rows, ranks in order), with autograd; the mask likewise, without. The backward of the
+   gather sums every rank's gradient of this rank's rows (reduce-scatter on NCCL, all-reduce elsewhere),
+   in fp32 (float64 for float64 inputs).
+3. The backend computes the rows of the global similarity matrix S that belong to this rank's samples
+   (rows [offset, offset + N_r)) against all N columns, for both directions of every pair, and returns
+   W times its local terms' share of the global loss. Column statistics need every rank's rows: the torch
+   backend all-reduces the (P, N) column sums (or log-sum-exps), the Triton backend all-reduces them
+   (fast path) or all-gathers the (P, N_r) row statistics of the reverse direction (deterministic path).
+   With ``return_stats``, per-pair sums are all-reduced too, so the stats are the global batch's.
+
+Memory per rank is O(N * D) (the gathered embeddings and their gradient) plus O(P * N) statistics;
+nothing is O(N^2). Communication per step: the embeddings (M * N * D elements, twice counting the
+backward) and O(P * N) statistics. The mean of the ranks' losses is the single-process loss of the
+concatenated batch; each rank's embeddings receive W times their single-process gradient, so that
+DistributedDataParallel's averaging gives the single-process parameter gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Header fields, one int64 each: ok, N_r, D, M, dtype code, has mask, backend code (0 torch, 1 triton)
+_HEADER = 7
+
+
+@dataclass(frozen=True, eq=False)
+class Shard:
+    """This rank's place in the global batch: rows [offset, offset + sizes[rank]) of sum(sizes)."""
+
+    group: object
+    rank: int
+    sizes: tuple[int, ...]
+    masked: bool  # some rank passed a mask (then every rank takes part in gathering one)
+
+    @property
+    def world(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def offset(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def rows(self) -> int:
+        return self.sizes[self.rank]
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """In place, on this group; returns the tensor."""
+        dist.all_reduce(tensor, op=op, group=self.group)
+        return tensor
+
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All ranks' (N_r, ...) tensors concatenated along dim 0 in rank order; no autograd."""
+        return _gather_rows(tensor.contiguous(), self)
+
+
+def comm_device(group, tensors=()) -> torch.device:
+    """Where this group's collectives take their tensors: CUDA for NCCL, the CPU otherwise."""
+    if dist.get_backend(group) == "nccl":
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.is_cuda:
+                return t.device
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def exchange(group, embeddings, mask, use_triton: bool, error: Exception | None) -> Shard:
+    """Share every rank's header, check them all; raise on every rank if any rank's input is bad."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    header = [0] * _HEADER
+    if error is None:
+        z = embeddings[0]
+        header = [1, z.shape[0], z.shape[1], len(embeddings), _DTYPES.index(z.dtype), int(mask is not None),
+                  int(use_triton)]
+    device = comm_device(group, embeddings)
+    mine = torch.tensor(header, dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine, group=group)
+    rows = [h.tolist() for h in everyone]
+    bad = [r for r, h in enumerate(rows) if h[0] == 0]
+    if error is not None:
+        raise error
+    if bad:
+        raise ValueError(f"pairwise_nce(group=...): the input on rank(s) {bad} is invalid (their error says why); "
+                         f"every rank stops so that none waits in a collective")
+    for name, i in (("embedding dimension D", 2), ("number of modalities M", 3), ("dtype", 4),
+                    ("backend (torch or triton)", 6)):
+        values = [h[i] for h in rows]
+        if len(set(values)) > 1:
+            shown = [str(_DTYPES[v]) for v in values] if i == 4 else values
+            raise ValueError(f"pairwise_nce(group=...): every rank must pass the same {name}; per rank: {shown}")
+    return Shard(group=group, rank=rank, sizes=tuple(h[1] for h in rows), masked=any(h[5] for h in rows))
+
+
+def _gather_rows(tensor: torch.Tensor, shard: Shard) -> torch.Tensor:
+    longest = max(shard.sizes)
+    device = comm_device(shard.group, (tensor,))
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]), device=device)
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in range(shard.world)]
+    dist.all_gather(parts, padded, group=shard.group)
+    out = torch.cat([p[:n] for p, n in zip(parts, shard.sizes)])
+    return out.to(tensor.device)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """(N_r, D) on each rank -> (N, D) on every rank; backward: the sum over ranks of this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, shard: Shard, z: torch.Tensor):
+        ctx.shard = shard
+        return _gather_rows(z.detach().contiguous(), shard)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shard: Shard = ctx.shard
+        longest, world = max(shard.sizes), shard.world
+        device = comm_device(shard.group, (grad,))
+        dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32  # 16-bit gradients add in fp32
+        padded = torch.zeros(world, longest, *grad.shape[1:], dtype=dtype, device=device)
+        for r, part in enumerate(grad.split(list(shard.sizes))):
+            padded[r, : part.shape[0]] = part
+        if dist.get_backend(shard.group) == "nccl":
+            mine = torch.empty_like(padded[0])
+            dist.reduce_scatter_tensor(mine, padded, group=shard.group)
+        else:
+            mine = shard.all_reduce(padded)[shard.rank]
+        return None, mine[: shard.rows].to(device=grad.device, dtype=grad.dtype)
+
+
+def gather_with_grad(z: torch.Tensor, shard: Shard) -> torch.Tensor:
+    return _GatherWithGrad.apply(shard, z)
+
+
+def gather_mask(mask: torch.Tensor | None, num_modalities: int, shard: Shard, device) -> torch.Tensor:
+    """The global (M, N) mask; a rank without a mask contributes all-present rows."""
+    if mask is None:
+        mask = torch.ones(num_modalities, shard.rows, dtype=torch.bool, device=device)
+    gathered = shard.gather_rows(mask.T.to(torch.uint8))  # rows are samples
+    return gathered.T.contiguous().bool()
