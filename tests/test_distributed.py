@@ -61,10 +61,11 @@ def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
 CASES = [
     ("equal", (6, 6), 3, 8, dict(temperature=0.07)),
     ("unequal-mask-stats", (5, 8), 3, 8, dict(temperature="per_pair", weights=[1.0, 2.0, 0.5], mask=True,
-                                              return_stats=True)),
+                                              return_stats=True, block_size=3)),
+    ("row-blocks", (21, 14), 3, 8, dict(temperature=0.07, mask=True, block_size=4)),  # ranks start mid-block
     ("learned-stats", (7, 4), 3, 5, dict(temperature="learn", return_stats=True)),
     ("unnormalized", (4, 7), 3, 6, dict(temperature=0.5, normalize=False, mask=True)),
-    ("cold", (6, 5), 3, 8, dict(temperature=0.005, mask=True)),
+    ("cold", (6, 5), 3, 8, dict(temperature=0.005, mask=True, block_size=2)),
     ("two-modalities", (3, 9), 2, 4, dict(temperature=0.1)),
     ("four-modalities", (5, 5), 4, 4, dict(temperature="per_pair", mask=True)),
 ]
