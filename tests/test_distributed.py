@@ -144,6 +144,39 @@ def test_triton_backend_matches_single_process(deterministic, backward):
     run_ranks(_compare, "triton", torch.float32, deterministic, backward)
 
 
+def _low_precision_and_compile(rank):
+    sizes = (4, 7)
+    rows = _split(sizes, rank)
+    for dtype in (torch.bfloat16, torch.float16):
+        zs = [randn(sum(sizes), 8, seed=k, dtype=dtype) for k in range(3)]
+        full = [z.clone().requires_grad_() for z in zs]
+        pairwise_nce(*full).backward()
+        local = [z[rows].clone().requires_grad_() for z in zs]
+        loss = pairwise_nce(*local, group=dist.group.WORLD)
+        loss.backward()
+        assert loss.dtype == torch.float32 and local[0].grad.dtype == dtype
+        assert_close(_mean_over_ranks(loss), pairwise_nce(*zs), name=f"{dtype} mean loss")
+        for a, b in zip(local, full):  # the same fp32 math; the ranks' fp32 sums are rounded once, like b's
+            torch.testing.assert_close(a.grad.float(), WORLD * b.grad[rows].float(), rtol=2**-7, atol=1e-3)
+    # a compiled training step with a process group (graph breaks around the collectives)
+    torch.manual_seed(0)  # the same weights on every rank
+    lin = torch.nn.Linear(8, 8)
+    xs = [randn(sum(sizes), 8, seed=20 + k) for k in range(3)]
+    single = pairwise_nce(*(lin(x) for x in xs))
+    step = torch.compile(lambda inputs: pairwise_nce(*(lin(x) for x in inputs), group=dist.group.WORLD))
+    loss = step([x[rows] for x in xs])
+    loss.backward()
+    assert_close(_mean_over_ranks(loss), single, name="compiled mean loss")
+    grad = _mean_over_ranks(lin.weight.grad)
+    lin.weight.grad = None
+    single.backward()
+    assert_close(grad, lin.weight.grad, name="compiled step: mean weight gradient", magnitude=1e-3)
+
+
+def test_low_precision_and_compiled_step():
+    run_ranks(_low_precision_and_compile)
+
+
 class _Towers(torch.nn.Module):
     """Three linear encoders and a PairwiseNCE with a learnable temperature."""
 
