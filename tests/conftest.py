@@ -71,6 +71,30 @@ def condition_scale(temperature) -> float:
     return max(1.0, 0.01 / t)
 
 
+def write_small_npz(path, seed=0, nan_at=None, no_audio=None) -> str:
+    """A small multiclass .npz in the documented layout (train 96, valid 48, test 48; 3 classes; text 12,
+    audio 7, vision 5 features over 6 steps): the class shifts a feature of every modality. nan_at: an
+    index into train/audio set to NaN; no_audio: a train sample whose audio is all zeros (missing)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", 96), ("valid", 48), ("test", 48)):
+        y = rng.integers(0, 3, n)
+        for m, f in (("text", 12), ("audio", 7), ("vision", 5)):
+            x = rng.normal(size=(n, 6, f)).astype(np.float32)
+            x[:, :, 0] += 2.0 * y[:, None]
+            if (split, m) == ("train", "audio"):
+                if nan_at is not None:
+                    x[nan_at] = np.nan
+                if no_audio is not None:
+                    x[no_audio] = 0.0
+            arrays[f"{split}/{m}"] = x
+        arrays[f"{split}/labels"] = y
+    np.savez(path, **arrays)
+    return str(path)
+
+
 def triton_runs() -> bool:
     from fastpair.kernels import available, interpreter
 

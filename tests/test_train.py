@@ -3,40 +3,28 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("sklearn")
+from conftest import write_small_npz  # noqa: E402
 from fastpair.training import train  # noqa: E402
 from fastpair.training.models import MultimodalEncoder, masked_mean, present  # noqa: E402
 
-TINY = ["--width", "16", "--layers", "1", "--batch-size", "32", "--seed", "3"]
+TINY = ["--device", "cpu", "--width", "16", "--layers", "1", "--batch-size", "32", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")
 def small_npz(tmp_path_factory):
-    """A small multiclass .npz in the documented layout: the class shifts a feature of every modality."""
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 96), ("valid", 48), ("test", 48)):
-        y = rng.integers(0, 3, n)
-        for m, f in (("text", 12), ("audio", 7), ("vision", 5)):
-            x = rng.normal(size=(n, 6, f)).astype(np.float32)
-            x[:, :, 0] += 2.0 * y[:, None]
-            if (split, m) == ("train", "audio"):
-                x[0, 0, 1] = np.nan  # set to 0 and counted in the log
-            arrays[f"{split}/{m}"] = x
-        arrays[f"{split}/labels"] = y
-    path = tmp_path_factory.mktemp("data") / "small.npz"
-    np.savez(path, **arrays)
-    return str(path)
+    """The small .npz of conftest; one NaN in train/audio (set to 0 and counted in the log)."""
+    return write_small_npz(tmp_path_factory.mktemp("data") / "small.npz", seed=0, nan_at=(0, 0, 1))
 
 
 def run_main(*argv):
@@ -98,6 +86,19 @@ def _train_cmd(data, out, epochs):
 
 def _weights(path):
     return torch.load(path, weights_only=True)["model"]
+
+
+@pytest.mark.gpu
+def test_cuda_training_step_runs(small_npz, tmp_path):
+    """The CUDA path of the loop: bf16 autocast, the Triton loss (backend auto), checkpoints readable on CPU."""
+    out = tmp_path / "cuda"
+    argv = [a for a in TINY if a not in ("--device", "cpu")]
+    assert run_main("--data", small_npz, "--out", out, "--epochs", "2", "--device", "cuda", "--baselines", "",
+                    *argv) == 0
+    log = read_jsonl(out / "log.jsonl")[1:]
+    assert [r["epoch"] for r in log] == [1, 2] and all(math.isfinite(r["train_loss"]) for r in log)
+    model = torch.load(out / "best.pt", weights_only=True, map_location="cpu")["model"]
+    assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point())
 
 
 def test_resume_after_kill_is_bitwise_exact(small_npz, tmp_path):
