@@ -57,10 +57,6 @@ class Shard:
     def rows(self) -> int:
         return self.sizes[self.rank]
 
-    @property
-    def total(self) -> int:
-        return sum(self.sizes)
-
     def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         """In place, on this group; returns the tensor."""
         dist.all_reduce(tensor, op=op, group=self.group)
