@@ -712,7 +712,9 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
     """Returns dL/dz stacked (M, N, D) in the input dtype and dL/dt (P,) (zeros when not needed).
     bounded: the forward's 0-d CPU bool; the temperatures are not read on the host again. With a
     process group, the gradient of this rank's share of the loss w.r.t. the gathered batch (no
-    communication here: the gather's backward sums the ranks' gradients)."""
+    communication here: the gather's backward sums the ranks' gradients). The fused variant instead
+    gives this rank's rows the gradient of every rank's share (from the global statistics) and the other
+    rows none: the same sum over ranks when every rank back-propagates the same grad (loss.backward())."""
     pairs = _pairs(len(zs))
     row0, rows = (0, zs[0].shape[0]) if not sizes else (sum(sizes[:rank]), sizes[rank])
     in_dtype = zs[0].dtype
