@@ -7,6 +7,7 @@ the mean of the ranks' temperature gradients is the single-process one; statisti
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import time
 
@@ -42,6 +43,10 @@ def _entry(rank, fn, init_file, args):
     try:
         fn(rank, *args)
     finally:
+        # Collect reference cycles (e.g. a caught exception's traceback and its frames) that still hold the
+        # process group: a gloo group whose last reference dies after destroy_process_group, at interpreter
+        # exit, can abort the process ("terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()
 
 

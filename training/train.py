@@ -65,6 +65,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import inspect
 import io
 import json
@@ -269,6 +270,9 @@ def process_group(cfg: Config, world: World | None):
     try:
         yield current_world()
     finally:
+        # reference cycles (a caught exception's traceback, say) may still hold the group: collect them while
+        # it exists; a gloo group whose last reference dies at interpreter exit can abort the process
+        gc.collect()
         dist.destroy_process_group()
 
 
