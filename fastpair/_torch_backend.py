@@ -272,10 +272,11 @@ def _forward(ctx, plan: Plan, temperature, mask, embeddings):
 
     # 1. row statistics of this process's rows; column statistics merged over every rank's rows
     active = [k for k in range(num_pairs) if plan.active(k)]
+    valid = {k: _valid(mask, *plan.pairs[k], cdtype) for k in active}
     found = {}
     for k in active:
         p, q = plan.pairs[k]
-        found[k] = _forward_pair(xs[p], xs[q], _valid(mask, p, q, cdtype), plan.scales[k],
+        found[k] = _forward_pair(xs[p], xs[q], valid[k], plan.scales[k],
                                  plan.bounded(k, cdtype), block, plan.return_stats, buf, r0, r1)
     cols = [found[k][1] for k in active]
     _merge_columns(plan.shard, cols, [plan.bounded(k, cdtype) for k in active])
@@ -289,7 +290,7 @@ def _forward(ctx, plan: Plan, temperature, mask, embeddings):
     for k, col in zip(active, cols):
         p, q = plan.pairs[k]
         row, _, hits, col_best, col_arg = found[k]
-        v = _valid(mask, p, q, cdtype)
+        v = valid[k]
         scale = plan.scales[k]
         if not plan.bounded(k, cdtype) and v is not None:  # invalid samples: finite placeholders, never used
             row = torch.where(v[r0:r1] > 0, row, torch.zeros_like(row))

@@ -226,19 +226,17 @@ def pairwise_nce(
         The loss, a 0-d tensor: float64 for float64 inputs, float32 otherwise; or (loss, stats).
     """
     world = 1 if group is None else _world_size(group)
-    if world == 1:
+    error, shard = None, None
+    try:
         temps, temp_shape, ws, use_triton = _check_call(
             embeddings, temperature, weights, mask, normalize, return_stats, backend, block_size)
-        shard = None
-    else:  # every rank learns whether every rank's input is valid before any rank waits in a collective
+    except (ValueError, TypeError, RuntimeError) as err:
+        if world == 1:
+            raise
+        error, use_triton = err, False
+    if world > 1:  # every rank learns whether every rank's input is valid before any rank waits in a collective
         from . import distributed
 
-        error = None
-        try:
-            temps, temp_shape, ws, use_triton = _check_call(
-                embeddings, temperature, weights, mask, normalize, return_stats, backend, block_size)
-        except (ValueError, TypeError, RuntimeError) as err:
-            error, use_triton = err, False
         shard = distributed.exchange(group, embeddings, mask, use_triton, error)
         embeddings = [distributed.gather_with_grad(z, shard) for z in embeddings]
         mask = distributed.gather_mask(mask, len(embeddings), shard, embeddings[0].device) if shard.masked else None

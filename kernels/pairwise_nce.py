@@ -625,8 +625,9 @@ def _shard(sizes: list[int], rank: int, group: str):
     return Shard(group=_GROUPS[group], rank=rank, sizes=tuple(sizes), masked=False)
 
 
-def _rows(shard, n: int) -> tuple[int, int]:
-    return (0, n) if shard is None else (shard.offset, shard.rows)
+def _row_range(sizes: list[int], rank: int, n: int) -> tuple[int, int]:
+    """(first row, number of rows) of S this process computes: all N, or its rank's share of the batch."""
+    return (0, n) if not sizes else (sum(sizes[:rank]), sizes[rank])
 
 
 @torch.library.custom_op(f"fastpair::pairwise_nce_fwd_v{OPS_VERSION}", mutates_args=())
@@ -644,7 +645,7 @@ def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t:
     scales = [1.0 / t for t in _temperatures(temperature, known_t)]
     n = zs[0].shape[0]
     shard = _shard(sizes, rank, group)
-    row0, rows = _rows(shard, n)
+    row0, rows = _row_range(sizes, rank, n)
     world = 1 if shard is None else shard.world
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
         scale2 = (LOG2E / temperature.float()).contiguous()  # on the device: no copy from the host
@@ -653,7 +654,7 @@ def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t:
         lse, diag = saved["lse"], saved["diag"]
         pv = _pair_valid(mask, pairs) if mask is not None else None
         if shard is not None:  # (2P, N): this rank's row statistics and the global column statistics
-            lse, diag = _global_table(shard, saved, pv, len(pairs), n), diag
+            lse = _global_table(shard, saved, pv, len(pairs), n)
             if "colsum" in saved:
                 diag = diag.repeat_interleave(2, dim=0)
         local = lse[:, row0:row0 + rows]
@@ -716,7 +717,7 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
     gives this rank's rows the gradient of every rank's share (from the global statistics) and the other
     rows none: the same sum over ranks when every rank back-propagates the same grad (loss.backward())."""
     pairs = _pairs(len(zs))
-    row0, rows = (0, zs[0].shape[0]) if not sizes else (sum(sizes[:rank]), sizes[rank])
+    row0, rows = _row_range(sizes, rank, zs[0].shape[0])
     in_dtype = zs[0].dtype
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
         z, valid = _stage(zs, mask)
