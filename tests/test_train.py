@@ -211,6 +211,13 @@ def test_missing_train_extra_is_named(monkeypatch, capsys, tmp_path):
     assert "pip install 'fastpair[train]'" in capsys.readouterr().err
 
 
+def test_missing_tensorboard_is_named(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
+    assert train.main(["--out", str(tmp_path), "--tensorboard", *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "fastpair-train: error: --tensorboard needs the tensorboard package: pip install tensorboard"
+
+
 def test_learning_rate_schedules():
     cfg = train.Config(epochs=10, lr=1.0)
     lrs = [train.learning_rate(cfg, s, 10) for s in range(100)]

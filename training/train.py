@@ -446,6 +446,15 @@ def rewrite_log(path: str, last_epoch: int) -> None:
     atomic_write(path, lambda f: f.write("".join(keep).encode()))
 
 
+def summary_writer():
+    """TensorBoard's SummaryWriter class, or a TrainError naming the package to install."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
+
+
 def make_sampler(n: int, cfg: Config, world: World):
     """The training indices of this rank: a DistributedSampler over range(n), reshuffled every epoch
     (``set_epoch``) from the seed of a single-process run's permutation, n // W samples per rank."""
@@ -540,11 +549,7 @@ def fit(cfg: Config, data, kind: str, out_dir: str, resume: bool, log=print) -> 
     writer = None
     with agreed(world):
         if cfg.tensorboard and main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            writer = summary_writer()(os.path.join(out_dir, "tensorboard"))
 
     def autocast():  # bf16 on CUDA, off on CPU (fp32)
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -734,10 +739,7 @@ def train_and_probe(argv) -> None:
     cfg, resume = parse_config(argv)  # argument errors: before any process group, on every rank alike
     launch = torchrun_world()
     if cfg.tensorboard:
-        try:
-            import torch.utils.tensorboard  # noqa: F401
-        except ImportError:
-            raise TrainError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        summary_writer()
     with process_group(cfg, launch) as world:
         say = print if world.main else _quiet
 
