@@ -388,9 +388,4 @@ def _backward(ctx, grad_loss):
     return (None, grad_t, None, *grads)
 
 
-def flop_count(n: int, d: int, num_pairs: int) -> int:
-    """FLOPs of the 12-GEMM floor (4 N x N x D matmuls per pair, 2 FLOPs per multiply-add)."""
-    return 4 * 2 * n * n * d * num_pairs
-
-
-__all__ = ["PairwiseNCEFunction", "Plan", "default_block", "compute_dtype", "flop_count"]
+__all__ = ["PairwiseNCEFunction", "Plan", "default_block", "compute_dtype"]
