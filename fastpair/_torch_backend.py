@@ -26,6 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import distributed, epilogue
+from .call import Call
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NORM_EPS = 1e-12
@@ -52,33 +55,38 @@ def default_block(n: int) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    """Host-side description of one call (everything here is a Python number, no tensors)."""
+    """This backend's host-side numbers for one call: the call itself, 1/t per pair, rows per block."""
 
-    pairs: tuple[tuple[int, int], ...]
-    scales: tuple[float, ...]  # 1 / t per pair
-    weights: tuple[float, ...]
-    normalize: bool
-    return_stats: bool
+    call: Call
+    scales: tuple[float, ...]
     block: int
-    temperature_shape: tuple[int, ...] | None  # None: the temperature needs no gradient
-    shard: object = None  # fastpair.distributed.Shard: this rank's rows of the gathered batch; None: all rows
-
-    def rows(self, n: int) -> tuple[int, int]:
-        """The row range [r0, r1) of S this process computes (all N rows without a process group)."""
-        if self.shard is None:
-            return 0, n
-        return self.shard.offset, self.shard.offset + self.shard.rows
-
-    @property
-    def world(self) -> int:
-        return 1 if self.shard is None else self.shard.world
 
     def bounded(self, k: int, dtype: torch.dtype) -> bool:
-        return self.normalize and self.scales[k] <= _bound(dtype)
+        return self.call.normalize and self.scales[k] <= _bound(dtype)
 
     def active(self, k: int) -> bool:
         """A pair with weight 0 is skipped unless its statistics were asked for."""
-        return self.weights[k] > 0 or self.return_stats
+        return self.call.weights[k] > 0 or self.call.return_stats
+
+
+@dataclass(frozen=True)
+class Saved:
+    """Forward -> backward: per pair its (row, col) statistics as _forward_pair returns them (None: skipped),
+    the epilogue's coefficients, and the input dtype of the gradients."""
+
+    stats: tuple
+    coef: torch.Tensor
+    in_dtype: torch.dtype
+
+
+@torch.compiler.disable  # runs eagerly inside a compiled step: host-side numbers and a blocked Python loop
+def pairwise_nce_torch(embeddings, call: Call):
+    """(loss, pair_losses, accuracy) of a validated call; the temperature tensor, if any, is read here."""
+    n = embeddings[0].shape[0]
+    scales = tuple(1.0 / t for t in call.temperature.host_values(len(call.pairs)))
+    plan = Plan(call=call, scales=scales, block=call.block_size or default_block(n))
+    temperature = call.temperature.tensor if call.temperature.learnable else None
+    return PairwiseNCEFunction.apply(plan, temperature, *embeddings)
 
 
 def _normalize(z: torch.Tensor, cdtype: torch.dtype, normalize: bool):
@@ -168,21 +176,9 @@ def _merge_columns(shard, cols: list, bounded: list[bool]) -> None:
         if not idx:
             continue
         c = torch.stack([cols[i] for i in idx])
-        if kind:
-            shard.all_reduce(c)
-        else:
-            m = shard.all_reduce(c.clone(), torch.distributed.ReduceOp.MAX)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            c = shard.all_reduce(torch.exp2(c - m)).log2() + m
+        c = distributed.sum_over_ranks(shard, c) if kind else distributed.merge_column_log2sumexp2(shard, c)
         for j, i in enumerate(idx):
             cols[i] = c[j]
-
-
-def _merge_argmax(shard, best: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
-    """The first row (over all ranks, in order) holding each column's maximum."""
-    top = shard.all_reduce(best.clone(), torch.distributed.ReduceOp.MAX)
-    first = torch.where(best == top, arg, torch.full_like(arg, torch.iinfo(arg.dtype).max))
-    return shard.all_reduce(first, torch.distributed.ReduceOp.MIN)
 
 
 def _backward_pair(x, y, v, scale, bounded, block, row, col, c, gx, gy, want_dt, buf, tmp, r0, r1):
@@ -239,12 +235,12 @@ def _backward_pair(x, y, v, scale, bounded, block, row, col, c, gx, gy, want_dt,
 
 
 class PairwiseNCEFunction(torch.autograd.Function):
-    """All pairs in one call: inputs (plan, temperature or None, mask or None, *embeddings)."""
+    """All pairs in one call: inputs (plan, temperature tensor that needs a gradient or None, *embeddings)."""
 
     @staticmethod
-    def forward(ctx, plan: Plan, temperature, mask, *embeddings):
+    def forward(ctx, plan: Plan, temperature, *embeddings):
         with torch.autocast(device_type=embeddings[0].device.type, enabled=False):
-            return _forward(ctx, plan, temperature, mask, embeddings)
+            return _forward(ctx, plan, temperature, embeddings)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -259,133 +255,101 @@ def _valid(mask, p, q, cdtype):
     return (mask[p] & mask[q]).to(cdtype)
 
 
-def _forward(ctx, plan: Plan, temperature, mask, embeddings):
+def _forward(ctx, plan: Plan, temperature, embeddings):
+    call = plan.call
     in_dtype = embeddings[0].dtype
     cdtype = compute_dtype(in_dtype)
     device = embeddings[0].device
     n = embeddings[0].shape[0]
-    r0, r1 = plan.rows(n)
-    num_pairs = len(plan.pairs)
-    xs, invs = zip(*(_normalize(z, cdtype, plan.normalize) for z in embeddings))
-    block = plan.block
-    buf = torch.empty(min(block, max(r1 - r0, 1)), n, dtype=cdtype, device=device)
+    r0, r1 = call.rows(n)
+    num_pairs = len(call.pairs)
+    xs, invs = zip(*(_normalize(z, cdtype, call.normalize) for z in embeddings))
+    buf = torch.empty(min(plan.block, max(r1 - r0, 1)), n, dtype=cdtype, device=device)
 
     # 1. row statistics of this process's rows; column statistics merged over every rank's rows
     active = [k for k in range(num_pairs) if plan.active(k)]
-    valid = {k: _valid(mask, *plan.pairs[k], cdtype) for k in active}
+    valid = {k: _valid(call.mask, *call.pairs[k], cdtype) for k in active}
     found = {}
     for k in active:
-        p, q = plan.pairs[k]
-        found[k] = _forward_pair(xs[p], xs[q], valid[k], plan.scales[k],
-                                 plan.bounded(k, cdtype), block, plan.return_stats, buf, r0, r1)
+        p, q = call.pairs[k]
+        found[k] = _forward_pair(xs[p], xs[q], valid[k], plan.scales[k], plan.bounded(k, cdtype), plan.block,
+                                 call.return_stats, buf, r0, r1)
     cols = [found[k][1] for k in active]
-    _merge_columns(plan.shard, cols, [plan.bounded(k, cdtype) for k in active])
+    _merge_columns(call.shard, cols, [plan.bounded(k, cdtype) for k in active])
 
-    # 2. this process's terms: sum over its valid samples i of (lse_row_i - S_ii) + (lse_col_i - S_ii)
-    local_losses = torch.zeros(num_pairs, dtype=cdtype, device=device)
-    row_hits = torch.zeros(num_pairs, dtype=cdtype, device=device)
-    col_hits = torch.zeros(num_pairs, dtype=cdtype, device=device)
-    counts = torch.zeros(num_pairs, dtype=cdtype, device=device)
-    saved_stats = [(None, None)] * num_pairs
+    # 2. per pair, at this process's rows: logsumexp of its row and of its column, S_ii, top-1 hits
+    lse_row, lse_col, diag = (torch.zeros(num_pairs, r1 - r0, dtype=cdtype, device=device) for _ in range(3))
+    hits = torch.zeros(2, num_pairs, dtype=cdtype, device=device) if call.return_stats else None
+    stats = [None] * num_pairs
     for k, col in zip(active, cols):
-        p, q = plan.pairs[k]
-        row, _, hits, col_best, col_arg = found[k]
+        p, q = call.pairs[k]
+        row, _, row_hits, col_best, col_arg = found[k]
         v = valid[k]
-        scale = plan.scales[k]
         if not plan.bounded(k, cdtype) and v is not None:  # invalid samples: finite placeholders, never used
             row = torch.where(v[r0:r1] > 0, row, torch.zeros_like(row))
             col = torch.where(v > 0, col, torch.zeros_like(col))
-        diag = (xs[p][r0:r1] * xs[q][r0:r1]).sum(dim=1) * scale  # S_ii
+        diag[k] = (xs[p][r0:r1] * xs[q][r0:r1]).sum(dim=1) * plan.scales[k]
         if plan.bounded(k, cdtype):
-            lse_row, lse_col = torch.log(row), torch.log(col[r0:r1])
+            lse_row[k], lse_col[k] = torch.log(row), torch.log(col[r0:r1])
         else:
-            lse_row, lse_col = row * LN2, col[r0:r1] * LN2
-        terms = lse_row + lse_col - 2.0 * diag
-        count = torch.tensor(float(n), dtype=cdtype, device=device) if v is None else v.sum()
-        if v is not None:
-            terms = torch.where(v[r0:r1] > 0, terms, torch.zeros_like(terms))
-        local_losses[k] = terms.sum() / (2.0 * count.clamp_min(1.0))
-        counts[k] = count
+            lse_row[k], lse_col[k] = row * LN2, col[r0:r1] * LN2
         if hits is not None:
-            if plan.shard is not None:
-                col_arg = _merge_argmax(plan.shard, col_best, col_arg)
-            col_hit = (col_arg == torch.arange(n, device=device)).to(cdtype)
-            row_hits[k] = hits.sum() if v is None else hits @ v[r0:r1]
-            col_hits[k] = col_hit.sum() if v is None else col_hit @ v
-        saved_stats[k] = (row, col)
+            if call.shard is not None:
+                col_arg = distributed.merge_first_argmax(call.shard, col_best, col_arg)
+            col_hit = (col_arg[r0:r1] == torch.arange(r0, r1, device=device)).to(cdtype)
+            hits[0, k] = row_hits.sum() if v is None else row_hits @ v[r0:r1]
+            hits[1, k] = col_hit.sum() if v is None else col_hit @ v[r0:r1]
+        stats[k] = (row, col)
 
-    # 3. W times this process's share of the global loss (the loss itself without a process group)
-    weights = torch.tensor(plan.weights, dtype=cdtype, device=device) * (counts > 0)
-    total_weight = weights.sum()
-    loss = plan.world * (weights * local_losses).sum() / total_weight.clamp_min(torch.finfo(cdtype).tiny)
-    if plan.shard is not None and plan.return_stats:  # the global batch's statistics
-        sums = plan.shard.all_reduce(torch.stack([local_losses, row_hits]))
-        local_losses, row_hits = sums[0], sums[1]
-    accuracy = (torch.stack([row_hits, col_hits], dim=1) / counts.clamp_min(1.0)[:, None]).float()
-
+    # 3. the shared epilogue: the loss (W times this process's share under a group), stats, coefficients
+    done = epilogue.finish(call, n, lse_row, lse_col, diag, hits)
     ctx.plan = plan
-    ctx.in_dtype = in_dtype
-    ctx.has_temperature = temperature is not None
+    ctx.saved = Saved(stats=tuple(stats), coef=done.coef, in_dtype=in_dtype)
     ctx.temperature_meta = (temperature.dtype, temperature.device) if temperature is not None else None
     ctx.num_embeddings = len(embeddings)
-    ctx.has_mask = mask is not None
-    ctx.saved_stats = saved_stats
-    tensors = list(xs) + [inv if inv is not None else torch.empty(0) for inv in invs]
-    tensors += [weights, total_weight, counts]
-    tensors += [mask if mask is not None else torch.empty(0)]
-    ctx.save_for_backward(*tensors)
-
-    pair_losses = local_losses.detach().float()
-    ctx.mark_non_differentiable(pair_losses, accuracy)
-    return loss, pair_losses, accuracy
+    ctx.save_for_backward(*xs, *(inv if inv is not None else torch.empty(0) for inv in invs))
+    ctx.mark_non_differentiable(done.pair_losses, done.accuracy)
+    return done.loss, done.pair_losses, done.accuracy
 
 
 def _backward(ctx, grad_loss):
     plan: Plan = ctx.plan
+    call, saved = plan.call, ctx.saved
     m = ctx.num_embeddings
-    saved = ctx.saved_tensors
-    xs, invs = saved[:m], saved[m : 2 * m]
-    weights, total_weight, counts, mask = saved[2 * m : 2 * m + 4]
-    mask = mask if ctx.has_mask else None
+    xs, invs = ctx.saved_tensors[:m], ctx.saved_tensors[m:]
     cdtype = xs[0].dtype
     n = xs[0].shape[0]
-    r0, r1 = plan.rows(n)
+    r0, r1 = call.rows(n)
     device = xs[0].device
-    block = plan.block
-    buf = torch.empty(min(block, max(r1 - r0, 1)), n, dtype=cdtype, device=device)
+    buf = torch.empty(min(plan.block, max(r1 - r0, 1)), n, dtype=cdtype, device=device)
     tmp = torch.empty_like(buf)
 
     grads = [torch.zeros_like(x) for x in xs]
-    g = grad_loss.to(cdtype)
-    # c_k = g * world * w_k / (W * 2 n_k); zero when W == 0 (no pair has a valid sample).
-    coef = g * plan.world * weights / (total_weight.clamp_min(torch.finfo(cdtype).tiny) * 2.0 * counts.clamp_min(1.0))
-    want_dt = ctx.has_temperature and ctx.needs_input_grad[1]
+    coef = grad_loss.to(cdtype) * saved.coef  # zero for a pair without a valid sample
+    want_dt = ctx.temperature_meta is not None and ctx.needs_input_grad[1]
     dts = []
-    for k, (p, q) in enumerate(plan.pairs):
-        row, col = ctx.saved_stats[k]
-        if row is None or plan.weights[k] == 0:
+    for k, (p, q) in enumerate(call.pairs):
+        if saved.stats[k] is None or call.weights[k] == 0:
             dts.append(torch.zeros((), dtype=cdtype, device=device))
             continue
-        v = _valid(mask, p, q, cdtype)
-        bounded = plan.bounded(k, cdtype)
-        sgs = _backward_pair(
-            xs[p], xs[q], v, plan.scales[k], bounded, block, row, col, coef[k], grads[p], grads[q], want_dt, buf, tmp,
-            r0, r1,
-        )
+        row, col = saved.stats[k]
+        v = _valid(call.mask, p, q, cdtype)
+        sgs = _backward_pair(xs[p], xs[q], v, plan.scales[k], plan.bounded(k, cdtype), plan.block, row, col,
+                             coef[k], grads[p], grads[q], want_dt, buf, tmp, r0, r1)
         # dL/dt = -(1/t) sum_ij G_ij S_ij = -scale * <dL/dx, x> (before the normalization backward)
         dts.append(-plan.scales[k] * sgs if want_dt else None)
 
-    if plan.normalize:
+    if call.normalize:
         grads = [_normalize_backward(gr, x, inv) for gr, x, inv in zip(grads, xs, invs)]
-    grads = [gr.to(ctx.in_dtype) for gr in grads]
+    grads = [gr.to(saved.in_dtype) for gr in grads]
 
     grad_t = None
     if want_dt:
         dt = torch.stack(dts)
         dtype, dev = ctx.temperature_meta
-        grad_t = (dt.sum() if plan.temperature_shape == () else dt).to(dtype=dtype, device=dev)
-        grad_t = grad_t.reshape(plan.temperature_shape)
-    return (None, grad_t, None, *grads)
+        grad_t = (dt.sum() if call.temperature.shape == () else dt).to(dtype=dtype, device=dev)
+        grad_t = grad_t.reshape(call.temperature.shape)
+    return (None, grad_t, *grads)
 
 
-__all__ = ["PairwiseNCEFunction", "Plan", "default_block", "compute_dtype"]
+__all__ = ["PairwiseNCEFunction", "Plan", "pairwise_nce_torch", "default_block", "compute_dtype"]

@@ -26,6 +26,7 @@ DistributedDataParallel's averaging gives the single-process parameter gradients
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -57,14 +58,22 @@ class Shard:
     def rows(self) -> int:
         return self.sizes[self.rank]
 
-    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        """In place, on this group; returns the tensor."""
-        dist.all_reduce(tensor, op=op, group=self.group)
-        return tensor
 
-    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        """All ranks' (N_r, ...) tensors concatenated along dim 0 in rank order; no autograd."""
-        return _gather_rows(tensor.contiguous(), self)
+def world_size(group) -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("group was given but torch.distributed is not initialized (call init_process_group first)")
+    return dist.get_world_size(group)
+
+
+def spread(group, embeddings, call, error: Exception | None):
+    """Under a group of W > 1 ranks: agree on every rank's input (raise on every rank if any is bad), then
+    return the gathered global batch (with autograd) and the call with the global mask and this rank's Shard."""
+    mask = None if call is None else call.mask
+    shard = exchange(group, embeddings, mask, call is not None and call.backend == "triton", error)
+    embeddings = [_GatherWithGrad.apply(shard, z) for z in embeddings]
+    if shard.masked:
+        mask = gather_mask(mask, len(embeddings), shard, embeddings[0].device)
+    return embeddings, dataclasses.replace(call, mask=mask, shard=shard)
 
 
 def comm_device(group, tensors=()) -> torch.device:
@@ -105,7 +114,32 @@ def exchange(group, embeddings, mask, use_triton: bool, error: Exception | None)
     return Shard(group=group, rank=rank, sizes=tuple(h[1] for h in rows), masked=any(h[5] for h in rows))
 
 
-def _gather_rows(tensor: torch.Tensor, shard: Shard) -> torch.Tensor:
+# ----------------------------------------------------------------------------------------------------
+# Merges: how each statistic of every rank's rows combines into the whole batch's.
+
+def sum_over_ranks(shard: Shard, tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """All-reduce (a sum unless `op` says otherwise) in place on this group; returns the tensor."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=shard.group)
+    return tensor
+
+
+def merge_column_log2sumexp2(shard: Shard, c: torch.Tensor) -> torch.Tensor:
+    """log2 sum 2^c over ranks, elementwise, through the max (all -inf stays -inf)."""
+    m = sum_over_ranks(shard, c.clone(), dist.ReduceOp.MAX)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return sum_over_ranks(shard, torch.exp2(c - m)).log2() + m
+
+
+def merge_first_argmax(shard: Shard, best: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
+    """Per column, the first row (over all ranks, in order) holding the column's maximum."""
+    top = sum_over_ranks(shard, best.clone(), dist.ReduceOp.MAX)
+    first = torch.where(best == top, arg, torch.full_like(arg, torch.iinfo(arg.dtype).max))
+    return sum_over_ranks(shard, first, dist.ReduceOp.MIN)
+
+
+def gather_rows(shard: Shard, tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' (N_r, ...) tensors concatenated along dim 0 in rank order; no autograd."""
+    tensor = tensor.contiguous()
     longest = max(shard.sizes)
     device = comm_device(shard.group, (tensor,))
     padded = tensor.new_zeros((longest, *tensor.shape[1:]), device=device)
@@ -122,7 +156,7 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, shard: Shard, z: torch.Tensor):
         ctx.shard = shard
-        return _gather_rows(z.detach().contiguous(), shard)
+        return gather_rows(shard, z.detach())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -137,17 +171,41 @@ class _GatherWithGrad(torch.autograd.Function):
             mine = torch.empty_like(padded[0])
             dist.reduce_scatter_tensor(mine, padded, group=shard.group)
         else:
-            mine = shard.all_reduce(padded)[shard.rank]
+            mine = sum_over_ranks(shard, padded)[shard.rank]
         return None, mine[: shard.rows].to(device=grad.device, dtype=grad.dtype)
-
-
-def gather_with_grad(z: torch.Tensor, shard: Shard) -> torch.Tensor:
-    return _GatherWithGrad.apply(shard, z)
 
 
 def gather_mask(mask: torch.Tensor | None, num_modalities: int, shard: Shard, device) -> torch.Tensor:
     """The global (M, N) mask; a rank without a mask contributes all-present rows."""
     if mask is None:
         mask = torch.ones(num_modalities, shard.rows, dtype=torch.bool, device=device)
-    gathered = shard.gather_rows(mask.T.to(torch.uint8))  # rows are samples
+    gathered = gather_rows(shard, mask.T.to(torch.uint8))  # rows are samples
     return gathered.T.contiguous().bool()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Custom ops take no ProcessGroup argument: the Triton forward op finds its shard by name, for the
+# duration of one call (no reference outlives it: a gloo group destroyed at exit while still referenced
+# aborts the process).
+
+_GROUPS: dict[str, object] = {}
+
+
+def op_arguments(shard: Shard | None) -> tuple[list[int], int, str]:
+    """(sizes, rank, group name) describing `shard` to a custom op, ([], 0, "") without a group; the
+    group stays findable by its name until release_op_arguments."""
+    if shard is None:
+        return [], 0, ""
+    name = str(id(shard.group))  # stable across calls: a compiled step may keep it as a constant
+    _GROUPS[name] = shard.group
+    return list(shard.sizes), shard.rank, name
+
+
+def release_op_arguments(name: str) -> None:
+    _GROUPS.pop(name, None)
+
+
+def shard_from_op_arguments(sizes: list[int], rank: int, name: str) -> Shard | None:
+    if not sizes:
+        return None
+    return Shard(group=_GROUPS[name], rank=rank, sizes=tuple(sizes), masked=False)

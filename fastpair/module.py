@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .loss import BACKENDS, modality_pairs, pairwise_nce
+from .call import check_backend, check_weights, modality_pairs
+from .loss import pairwise_nce
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 class PairwiseNCE(nn.Module):
@@ -24,11 +30,11 @@ class PairwiseNCE(nn.Module):
         temperature: float = 0.07,
         learn_temperature: bool = True,
         per_pair_temperature: bool = False,
-        weights=None,
+        weights: Sequence[float] | None = None,
         max_logit_scale: float = 100.0,
         normalize: bool = True,
         backend: str = "auto",
-    ):
+    ) -> None:
         super().__init__()
         if isinstance(num_modalities, bool) or not isinstance(num_modalities, int) or num_modalities < 2:
             raise ValueError(f"num_modalities must be an int >= 2, got {num_modalities!r}")
@@ -36,16 +42,13 @@ class PairwiseNCE(nn.Module):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         if not (isinstance(max_logit_scale, (int, float)) and max_logit_scale > 0):
             raise ValueError(f"max_logit_scale must be a number > 0, got {max_logit_scale!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.num_modalities = num_modalities
         self.num_pairs = len(modality_pairs(num_modalities))
         self.max_logit_scale = float(max_logit_scale)
         self.normalize = normalize
         self.backend = backend
-        self.weights = None if weights is None else [float(w) for w in weights]
-        if self.weights is not None and len(self.weights) != self.num_pairs:
-            raise ValueError(f"weights must have one entry per pair ({self.num_pairs}), got {len(self.weights)}")
+        self.weights = None if weights is None else check_weights(weights, self.num_pairs)
         shape = (self.num_pairs,) if per_pair_temperature else ()
         init = torch.full(shape, math.log(temperature))
         if learn_temperature:
@@ -58,7 +61,13 @@ class PairwiseNCE(nn.Module):
         min_log_t = -math.log(self.max_logit_scale)
         return self.log_temperature.clamp(min=min_log_t).exp()
 
-    def forward(self, *embeddings, mask=None, group=None, return_stats=False):
+    def forward(
+        self,
+        *embeddings: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        group: ProcessGroup | None = None,
+        return_stats: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return pairwise_nce(
             *embeddings,
             temperature=self.temperature,

@@ -1,4 +1,5 @@
-"""Fused Triton kernels of pairwise_nce (installed as ``fastpair.kernels``); see pairwise_nce.py."""
+"""Fused Triton kernels of pairwise_nce (installed as ``fastpair.kernels``): jit.py (kernels), tuning.py
+(tile configurations), launch.py (host launchers), ops.py (torch.library custom ops, the entry point)."""
 
 from __future__ import annotations
 

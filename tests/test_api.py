@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_embeddings
+from helpers import make_embeddings
 
 from fastpair import PairwiseNCE, pairwise_nce
 

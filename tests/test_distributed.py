@@ -1,6 +1,6 @@
 """Global negatives across ranks: 2 gloo processes against the single-process loss on the whole batch.
 
-Every case checks the contract of DESIGN.md: the mean of the ranks' losses is the single-process loss of
+Every case checks the contract of docs/design.md: the mean of the ranks' losses is the single-process loss of
 the concatenated batch (ranks in order); each rank's embeddings get W times their single-process gradient;
 the mean of the ranks' temperature gradients is the single-process one; statistics are the global batch's.
 """
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import assert_close, condition_scale, randn, triton_runs
+from helpers import assert_close, condition_scale, randn, triton_runs
 
 from fastpair import PairwiseNCE, pairwise_nce
 
@@ -93,12 +93,8 @@ def _inputs(sizes, m, d, kwargs, seed, dtype, device):
     return zs, kw
 
 
-def _compare(rank, backend, dtype, deterministic, triton_backward="panel"):
+def _compare(rank, backend, dtype, deterministic):
     torch.use_deterministic_algorithms(deterministic)
-    if backend == "triton":
-        from fastpair.kernels import pairwise_nce as K
-
-        K.BACKWARD = triton_backward
     for seed, (name, sizes, m, d, kwargs) in enumerate(CASES):
         if dtype == torch.float64 and backend == "triton":
             continue
@@ -150,10 +146,9 @@ def _interpreter() -> bool:
 
 # In Triton's interpreter on CPU tensors: on a one-GPU machine two ranks cannot each have a GPU (NCCL).
 @pytest.mark.skipif(not _interpreter(), reason="runs the Triton kernels in Triton's interpreter (TRITON_INTERPRET=1)")
-@pytest.mark.parametrize("deterministic, backward", [(False, "panel"), (True, "panel"), (False, "fused")],
-                         ids=["fast-path", "deterministic", "fused-backward"])
-def test_triton_backend_matches_single_process(deterministic, backward):
-    run_ranks(_compare, "triton", torch.float32, deterministic, backward)
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast-path", "deterministic"])
+def test_triton_backend_matches_single_process(deterministic):
+    run_ranks(_compare, "triton", torch.float32, deterministic)
 
 
 def _low_precision_and_compile(rank):

@@ -4,67 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close, condition_scale, device_for, make_embeddings, randn
+from helpers import check_against_reference, device_for, make_embeddings, on, randn, small
 
 from fastpair import modality_pairs, pairwise_nce
 from fastpair.reference import clip_loss_reference, pairwise_nce_reference
-
-
-def _temperature_arg(temperature, learnable, dtype=torch.float64):
-    if not learnable:
-        return temperature
-    return torch.tensor(temperature, dtype=dtype, requires_grad=True)
-
-
-def small(n: int, backend: str) -> int:
-    """Shapes for the Triton interpreter stay small (it emulates every block op on the CPU)."""
-    return min(n, 33) if backend == "triton" and not torch.cuda.is_available() else n
-
-
-def on(zs, backend):
-    """Move leaf embeddings to the backend's device (CUDA for triton when there is a GPU)."""
-    dev = device_for(backend)
-    return [z.detach().to(dev).requires_grad_(z.requires_grad) for z in zs]
-
-
-def check_against_reference(zs, backend="torch", temperature=0.07, learnable=False, block_size=None, **kw):
-    """Run fastpair and the float64 reference on the same inputs; compare loss, grads, dt and stats."""
-    dtype = zs[0].dtype
-    cdtype = torch.float64 if dtype == torch.float64 else torch.float32
-    zs = on(zs, backend)
-    if kw.get("mask") is not None:
-        kw["mask"] = kw["mask"].to(zs[0].device)
-    t_ours = _temperature_arg(temperature, learnable)
-    loss, stats = pairwise_nce(*zs, temperature=t_ours, backend=backend, return_stats=True,
-                               block_size=block_size, **kw)
-    loss.backward()
-
-    refs = [z.detach().cpu().double().requires_grad_() for z in zs]
-    t_ref = _temperature_arg(temperature, learnable)
-    kw = {key: (v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in kw.items()}
-    ref_loss, ref_stats = pairwise_nce_reference(*refs, temperature=t_ref, return_stats=True, **kw)
-    ref_loss.backward()
-
-    scale = condition_scale(temperature if not isinstance(temperature, list) else min(temperature))
-    if not kw.get("normalize", True):  # unnormalized logits reach max|z|^2 / t, not 1/t
-        scale *= max(1.0, max(r.detach().norm(dim=1).max().item() for r in refs) ** 2)
-    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert_close(loss, ref_loss, cdtype, scale, "loss")
-    t_min = min(temperature) if isinstance(temperature, list) else temperature
-    grad_size = 1.0 / (t_min * zs[0].shape[0])
-    for m, (z, r) in enumerate(zip(zs, refs)):
-        assert z.grad.dtype == z.dtype
-        assert_close(z.grad, r.grad, cdtype, scale, f"grad of embedding {m}", magnitude=grad_size)
-    if learnable:
-        assert t_ours.grad.shape == t_ours.shape
-        assert_close(t_ours.grad, t_ref.grad, cdtype, scale, "grad of temperature")
-    assert_close(stats["pair_losses"], ref_stats["pair_losses"], torch.float32, scale, "pair_losses")
-    assert stats["pair_accuracy"].dtype == torch.float32
-    assert stats["pair_losses"].dtype == torch.float32
-    assert not stats["pair_losses"].requires_grad
-    if zs[0].shape[1] > 1:  # with D = 1 every logit ties with others, and rounding decides the argmax
-        torch.testing.assert_close(stats["pair_accuracy"].cpu(), ref_stats["pair_accuracy"], rtol=0, atol=1e-6)
-    return loss, stats, zs
 
 
 @pytest.mark.parametrize("m", [2, 3, 4])
@@ -184,14 +127,6 @@ def test_stats_on_easy_batch_are_perfect(backend):
     assert stats["pair_losses"].shape == (3,)
 
 
-@pytest.fixture
-def deterministic_algorithms():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 def test_deterministic(backend, deterministic_algorithms):
     """Under torch.use_deterministic_algorithms(True) two runs agree bitwise (the torch backend always does)."""
     zs = on(make_embeddings(3, small(300, backend), 16, seed=11), backend)
@@ -204,40 +139,6 @@ def test_deterministic(backend, deterministic_algorithms):
         results.append([loss.detach().clone()] + [z.grad.clone() for z in zs])
     for a, b in zip(*results):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("mode", ["fused", "panel-small"])
-@pytest.mark.parametrize("normalize", [True, False])
-def test_triton_backward_variants_agree(mode, normalize, monkeypatch, triton_only):
-    """The fused (registers) backward and the W-panel + GEMM backward, with several panels, give the same."""
-    from fastpair.kernels import pairwise_nce as K
-
-    n = small(70, "triton")
-    zs = make_embeddings(3, n, 20, seed=20)
-    mask = torch.rand(3, n, generator=torch.Generator().manual_seed(2)) > 0.2
-    if mode == "fused":
-        monkeypatch.setattr(K, "BACKWARD", "fused")
-    else:
-        monkeypatch.setattr(K, "PANEL_BYTES", 16 * n * 4)  # panels of 16 rows: several per pair
-    t = torch.tensor([0.05, 0.1, 0.003])
-    check_against_reference([(z.detach() * (1.0 if normalize else 0.3)).requires_grad_() for z in zs], "triton",
-                            temperature=t.tolist(), learnable=True, mask=mask, normalize=normalize)
-
-
-def test_triton_atomic_and_deterministic_paths_agree(deterministic_algorithms, triton_only):
-    """The fast path (column sums by atomics) and the atomic-free path compute the same loss and gradients."""
-    zs = on(make_embeddings(3, small(100, "triton"), 24, seed=19), "triton")
-    mask = torch.rand(3, zs[0].shape[0], generator=torch.Generator().manual_seed(1)).to(zs[0].device) > 0.2
-    out = []
-    for deterministic in (True, False):
-        torch.use_deterministic_algorithms(deterministic)
-        for z in zs:
-            z.grad = None
-        loss = pairwise_nce(*zs, temperature=0.05, mask=mask, backend="triton")
-        loss.backward()
-        out.append([loss.detach().clone()] + [z.grad.clone() for z in zs])
-    for a, b in zip(*out):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_pairs_order(backend):
@@ -374,18 +275,6 @@ def test_inside_torch_compile_training_step(backend):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
 
 
-def test_custom_ops_pass_opcheck(triton_only):
-    """torch.library.opcheck: schema, fake (meta) implementations and autograd registration agree."""
-    from fastpair.kernels import pairwise_nce as K
-
-    dev = device_for("triton")
-    zs = [randn(20, 8, seed=k, device=dev).requires_grad_() for k in range(3)]
-    t = torch.tensor([0.05, 0.1, 0.2], device=dev, requires_grad=True)
-    mask = torch.rand(3, 20, generator=torch.Generator().manual_seed(3)).to(dev) > 0.2
-    torch.library.opcheck(K.pairwise_nce_fwd, (zs, t, [], mask, [1.0, 2.0, 0.5], True, False, [], 0, ""),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_torch_backend(dtype):
@@ -418,56 +307,3 @@ def test_cuda_autocast_torch_backend():
     torch.testing.assert_close(inside, expected, rtol=1e-6, atol=1e-6)
     mixed.backward()
     assert torch.isfinite(lin.weight.grad).all()
-
-
-def test_autotune_candidates():
-    """The autotuner's candidate filter (pure host logic, so it is checked on every machine)."""
-    from fastpair.kernels import pairwise_nce as K
-
-    def tiles(configs):
-        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) for c in configs]
-
-    h100, a100 = 227 * 1024, 163 * 1024
-    for configs in (K._FWD_GPU_CONFIGS, K._PANEL_GPU_CONFIGS):
-        # bf16 at the goal shape: every candidate is timed, with its own pipeline depth
-        assert tiles(K._keep(configs, 32768, 512, 2, h100)) == tiles(configs)
-        # fp32 on an A100: the 128 x 256 tile has no room for two stages; the others lose stages
-        kept = tiles(K._keep(configs, 32768, 512, 4, a100))
-        assert (128, 256, 64, 3) not in kept and (128, 256, 64, 2) not in kept
-        assert all(s >= 2 and s * (bm + bn) * bk * 4 <= a100 for bm, bn, bk, s in kept)
-        assert len(kept) == 2
-        # D = 20 pads to 32: no 64-wide K chunks of masked zeros
-        assert {bk for _, _, bk, _ in tiles(K._keep(configs, 32768, 32, 2, h100))} == {32}
-        # small N: the smallest tile alone (nothing to time); huge N: the first (best-measured) config
-        assert tiles(K._keep(configs, 1024, 512, 2, h100)) == [(64, 128, 64, 4)]
-        assert tiles(K._keep(configs, 2**20, 512, 2, h100)) == tiles(configs[:1])
-        # a GPU with too little shared memory for any pipeline still gets one (unpipelined) tile
-        assert tiles(K._keep(configs, 32768, 512, 4, 32 * 1024)) == [(64, 128, 64, 1)]
-    assert K._buckets(1, 1) == (1, 16) and K._buckets(4097, 300) == (8192, 512)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_cuda_autotuned_kernels_match_reference(deterministic, deterministic_algorithms):
-    """N above SMALL_N, so the autotuner times several configs before the real launch: what the timed runs
-    accumulate (atomic column sums on the fast path, per-tile partials of dL/dt) must not leak into the
-    result."""
-    from fastpair.kernels import pairwise_nce as K
-
-    torch.use_deterministic_algorithms(deterministic)
-    n = 4096 + 37  # N bucket 8192: a key no other test uses
-    zs = make_embeddings(3, n, 96, seed=21, device="cuda")
-    t = torch.tensor([0.05, 0.07, 0.1], device="cuda", requires_grad=True)
-    K._fwd_tuned.cache.clear()
-    K._panel_tuned.cache.clear()
-    loss = pairwise_nce(*zs, temperature=t, backend="triton")  # no stats: the atomic path unless deterministic
-    loss.backward()
-    assert len(K._fwd_tuned.cache) == 1 and len(K._panel_tuned.cache) == 1
-    refs = [z.detach().cpu().double().requires_grad_() for z in zs]
-    t_ref = t.detach().cpu().double().requires_grad_()
-    ref = pairwise_nce_reference(*refs, temperature=t_ref)
-    ref.backward()
-    assert_close(loss.cpu(), ref, torch.float32, 1.0, "loss")
-    for m, (z, r) in enumerate(zip(zs, refs)):
-        assert_close(z.grad.cpu(), r.grad, torch.float32, 1.0, f"grad {m}", magnitude=1.0 / (0.05 * n))
-    assert_close(t.grad.cpu(), t_ref.grad, torch.float32, 1.0, "grad of temperature")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import assert_close
+from helpers import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

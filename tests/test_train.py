@@ -14,9 +14,9 @@ import pytest
 import torch
 
 pytest.importorskip("sklearn")
-from conftest import write_small_npz  # noqa: E402
 from fastpair.training import train  # noqa: E402
 from fastpair.training.models import MultimodalEncoder, masked_mean, present  # noqa: E402
+from helpers import write_small_npz  # noqa: E402
 
 TINY = ["--device", "cpu", "--width", "16", "--layers", "1", "--batch-size", "32", "--seed", "3"]
 

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 pytest.importorskip("sklearn")
-from conftest import write_small_npz  # noqa: E402
 from fastpair.training import train  # noqa: E402
+from helpers import write_small_npz  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")

@@ -1,0 +1,244 @@
+"""One validated call: the public functions turn their arguments into a frozen `Call` that every backend
+consumes. Nothing downstream re-checks an argument; the one value that cannot be checked here without a
+host sync, a temperature given as a tensor, is read and checked once, by `read_temperatures`, where the
+backend needs it on the host (inside its custom op or its eager region, so that a compiled step keeps
+its graph).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import kernels as _kernels
+
+BACKENDS = ("auto", "torch", "triton")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_TRITON = _kernels.available()  # decided once at import (no import work inside a compiled region)
+
+
+def modality_pairs(num_modalities: int) -> list[tuple[int, int]]:
+    """The pairs in the order every backend and statistic uses: itertools.combinations(range(M), 2)."""
+    return list(itertools.combinations(range(num_modalities), 2))
+
+
+@dataclass(frozen=True, eq=False)
+class Temperature:
+    """t per pair: host numbers (`values`, checked) or a 0-d / (P,) tensor (`tensor`, values unread)."""
+
+    values: tuple[float, ...] | None
+    tensor: torch.Tensor | None
+    shape: tuple[int, ...]  # () or (P,): the shape dL/dt takes
+
+    @property
+    def learnable(self) -> bool:
+        return self.tensor is not None and self.tensor.requires_grad
+
+    def host_values(self, num_pairs: int) -> tuple[float, ...]:
+        """The P temperatures on the host; a tensor's are read (one small sync) and checked here."""
+        return self.values if self.values is not None else tuple(read_temperatures(self.tensor, num_pairs))
+
+
+@dataclass(frozen=True, eq=False)
+class Call:
+    """Everything a backend needs besides the embeddings, checked. `shard` is set under a process group
+    (fastpair.distributed): the embeddings and the mask are then the gathered global batch."""
+
+    num_modalities: int
+    pairs: tuple[tuple[int, int], ...]
+    temperature: Temperature
+    weights: tuple[float, ...]
+    mask: torch.Tensor | None
+    normalize: bool
+    return_stats: bool
+    backend: str  # "torch" or "triton": resolved from "auto"
+    block_size: int | None  # rows per block of the torch backend (None: its default)
+    shard: object = None  # fastpair.distributed.Shard, or None without a process group
+
+    @property
+    def world(self) -> int:
+        return 1 if self.shard is None else self.shard.world
+
+    def rows(self, n: int) -> tuple[int, int]:
+        """The row range [r0, r1) of S this process computes: all N, or its rank's share of the batch."""
+        if self.shard is None:
+            return 0, n
+        return self.shard.offset, self.shard.offset + self.shard.rows
+
+
+def describe(embeddings, temperature, weights, mask, normalize, return_stats, backend, block_size) -> Call:
+    """Check one call of pairwise_nce; raise ValueError/TypeError (RuntimeError: Triton missing) that says
+    what was expected."""
+    check_embeddings(embeddings)
+    num_modalities = len(embeddings)
+    pairs = tuple(modality_pairs(num_modalities))
+    z = embeddings[0]
+    if mask is not None:
+        _check_mask(mask, num_modalities, z.shape[0], z.device)
+    _check_flag("normalize", normalize)
+    _check_flag("return_stats", return_stats)
+    check_backend(backend)
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    return Call(
+        num_modalities=num_modalities,
+        pairs=pairs,
+        temperature=_temperature(temperature, len(pairs)),
+        weights=tuple(check_weights(weights, len(pairs))),
+        mask=mask,
+        normalize=normalize,
+        return_stats=return_stats,
+        backend=_resolve_backend(backend, z),
+        block_size=block_size,
+    )
+
+
+def check_embeddings(embeddings) -> None:
+    if len(embeddings) < 2:
+        raise ValueError(f"pairwise_nce needs at least 2 modality embeddings, got {len(embeddings)}")
+    for m, z in enumerate(embeddings):
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"embedding {m} must be a torch.Tensor of shape (N, D), got {type(z).__name__}")
+        if z.dim() != 2:
+            raise ValueError(f"embedding {m} must be 2-d (N, D), got shape {tuple(z.shape)}")
+        if z.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"embedding {m} must be float32, float16, bfloat16 or float64, got {z.dtype}")
+    first = embeddings[0]
+    for m, z in enumerate(embeddings[1:], start=1):
+        if z.shape != first.shape:
+            raise ValueError(
+                f"all embeddings must have the same shape (N, D); embedding 0 is {tuple(first.shape)}, "
+                f"embedding {m} is {tuple(z.shape)}"
+            )
+        if z.dtype != first.dtype:
+            raise TypeError(
+                f"all embeddings must share one dtype; embedding 0 is {first.dtype}, embedding {m} is {z.dtype}"
+            )
+        if z.device != first.device:
+            raise ValueError(
+                f"all embeddings must be on one device; embedding 0 is on {first.device}, embedding {m} on {z.device}"
+            )
+    n, d = first.shape
+    if n == 0:
+        raise ValueError("the batch is empty (N = 0); pairwise_nce needs at least one sample")
+    if d == 0:
+        raise ValueError("the embedding dimension is 0 (D = 0); pairwise_nce needs D >= 1")
+
+
+def check_temperatures(temps) -> None:
+    for t in temps:
+        if not (math.isfinite(t) and t > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {temps if len(set(temps)) > 1 else t}")
+
+
+def read_temperatures(tensor: torch.Tensor, num_pairs: int) -> list[float]:
+    """A temperature tensor's P values on the host (one small sync), checked."""
+    values = tensor.detach().to("cpu", torch.float64).reshape(-1).tolist()
+    values = values * (num_pairs if tensor.dim() == 0 else 1)
+    check_temperatures(values)
+    return values
+
+
+def check_weights(weights, num_pairs: int) -> list[float]:
+    """One finite non-negative number per pair, not all zero (None: all 1)."""
+    if weights is None:
+        return [1.0] * num_pairs
+    ws = _host_numbers("weights", weights, num_pairs)
+    if any(not math.isfinite(w) or w < 0 for w in ws):
+        raise ValueError(f"weights must be finite and non-negative, got {ws}")
+    if not any(w > 0 for w in ws):
+        raise ValueError(f"weights must not all be zero, got {ws}")
+    return ws
+
+
+def check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _temperature(value, num_pairs: int) -> Temperature:
+    """A float, a sequence of P numbers, or a 0-d / (P,) floating-point tensor (its values unread)."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"temperature tensor must be floating point, got {value.dtype}")
+        if value.dim() == 0:
+            return Temperature(None, value, ())
+        if value.dim() == 1 and value.numel() == num_pairs:
+            return Temperature(None, value, (num_pairs,))
+        raise ValueError(f"temperature must be a 0-d tensor or a 1-d tensor with one entry per pair ({num_pairs}), "
+                         f"got shape {tuple(value.shape)}")
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        values = [float(value)] * num_pairs
+        shape: tuple[int, ...] = ()
+    else:
+        values, shape = _host_numbers("temperature", value, num_pairs), (num_pairs,)
+    check_temperatures(values)
+    return Temperature(tuple(values), None, shape)
+
+
+def _host_numbers(name: str, value, count: int) -> list[float]:
+    """A sequence or 1-d tensor of `count` numbers, as host floats."""
+    if isinstance(value, torch.Tensor):
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+        if value.dim() != 1 or value.numel() != count:
+            raise ValueError(f"{name} must be a 1-d tensor with one entry per pair ({count}), "
+                             f"got shape {tuple(value.shape)}")
+        return value.detach().to("cpu", torch.float64).tolist()
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got bool")
+    if isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a sequence with one number per pair ({count}), got a single number")
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) != count:
+            raise ValueError(f"{name} must have one entry per pair ({count} pairs), got {len(value)}")
+        out = []
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, (numbers.Real, torch.Tensor)):
+                raise TypeError(f"{name} entries must be numbers, got {type(item).__name__}")
+            out.append(float(item))
+        return out
+    raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got {type(value).__name__}")
+
+
+def _check_mask(mask, num_modalities: int, n: int, device: torch.device) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"mask must be a bool tensor of shape (M, N) = ({num_modalities}, {n}), got {type(mask).__name__}"
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must have dtype torch.bool, got {mask.dtype}")
+    if tuple(mask.shape) != (num_modalities, n):
+        raise ValueError(f"mask must have shape (M, N) = ({num_modalities}, {n}), got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask must be on the embeddings' device {device}, got {mask.device}")
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _resolve_backend(backend: str, z: torch.Tensor) -> str:
+    if backend == "triton":
+        _check_triton(z)
+        return "triton"
+    if backend == "auto" and z.device.type == "cuda" and z.dtype != torch.float64 and _TRITON:
+        return "triton"
+    return "torch"
+
+
+def _check_triton(z: torch.Tensor) -> None:
+    if z.dtype == torch.float64:
+        raise TypeError("backend='triton' takes float32, float16 or bfloat16 inputs; float64 runs on "
+                        "backend='torch' (which backend='auto' picks for it)")
+    if not _TRITON:
+        raise RuntimeError("backend='triton' needs Triton, which is not importable here; use backend='torch'")
+    if z.device.type != "cuda" and not _kernels.interpreter():
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import for CPU "
+                         f"tensors), got tensors on {z.device}; use backend='torch' or 'auto'")

@@ -1,0 +1,64 @@
+"""Statistics -> loss: the one epilogue of every backend (torch and Triton alike).
+
+A backend hands over, for every pair k = (p, q) and each row i this process computes (rows [r0, r1) of
+the batch: all N, or one rank's share under a process group), in natural-log units:
+
+    lse_row[k, i] = logsumexp_{j in V_k} S_ij,   lse_col[k, i] = logsumexp_{j in V_k} S_ji,   diag[k, i] = S_ii
+
+and, with return_stats, its top-1 hit counts over those rows. From them, with n_k = |V_k| over the whole
+batch and W the world size:
+
+    local_k = sum_{i in V_k, r0 <= i < r1} (lse_row + lse_col - 2 S_ii) / (2 n_k)     this process's share of L_k
+    loss    = W * sum_k w'_k local_k / sum_k w'_k,        w'_k = w_k [n_k > 0]        (0 when every n_k = 0)
+    coef_k  = W w'_k / (sum_k w'_k * 2 n_k)
+
+Each rank returns W times its share, so the mean over ranks is the loss of the whole batch
+(fastpair.distributed). coef_k is d loss / d(a term of pair k): the backward's dL/dS = g coef_k (P + Q - 2I)
+for an incoming gradient g. Without a process group W = 1, r0 = 0, r1 = N and local_k = L_k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import distributed
+from .call import Call
+from .tables import constant, pair_valid
+
+
+@dataclass(frozen=True)
+class Finished:
+    loss: torch.Tensor  # 0-d, in the compute dtype
+    pair_losses: torch.Tensor  # (P,) float32, detached: local_k, or L_k of the whole batch with return_stats
+    accuracy: torch.Tensor  # (P, 2) float32: top-1 retrieval x->y, y->x over each pair's valid samples
+    coef: torch.Tensor  # (P,) compute dtype, for the backward
+
+
+def finish(call: Call, n: int, lse_row, lse_col, diag, hits=None) -> Finished:
+    """lse_row, lse_col, diag: (P, rows) in the compute dtype, rows = this process's rows; hits: (2, P)
+    this process's row hits x->y and y->x (counts over its valid rows), or None without return_stats."""
+    r0, r1 = call.rows(n)
+    dtype, device = lse_row.dtype, lse_row.device
+    terms = lse_row + lse_col - 2.0 * diag
+    if call.mask is not None:
+        valid = pair_valid(call.mask, call.pairs)
+        terms = torch.where(valid[:, r0:r1], terms, torch.zeros_like(terms))
+        counts = valid.sum(dim=1).to(dtype)
+    else:
+        counts = torch.full((len(call.pairs),), float(n), dtype=dtype, device=device)
+    local = terms.sum(dim=1) / (2.0 * counts.clamp_min(1.0))
+    weights = constant(call.weights, dtype, str(device)) * (counts > 0)
+    total = weights.sum().clamp_min(torch.finfo(dtype).tiny)
+    loss = call.world * (weights * local).sum() / total
+    coef = call.world * weights / (total * 2.0 * counts.clamp_min(1.0))
+
+    accuracy = torch.zeros(len(call.pairs), 2, dtype=torch.float32, device=device)
+    pair_losses = local
+    if hits is not None:
+        sums = torch.cat([local[None], hits.to(dtype)])
+        if call.shard is not None:  # the whole batch's statistics
+            sums = distributed.sum_over_ranks(call.shard, sums)
+        pair_losses, accuracy = sums[0], (sums[1:].T / counts.clamp_min(1.0)[:, None]).float()
+    return Finished(loss, pair_losses.detach().float(), accuracy, coef)

@@ -1,0 +1,180 @@
+"""Host side of the Triton kernels: stage the operands, allocate, pick grids, launch (kernels: jit.py).
+
+`forward` sweeps the logit tiles once per launch for every pair and returns O(N) statistics; `backward`
+turns saved statistics into dL/dx with one gradient-panel launch and two GEMMs per (pair, row panel);
+`input_grads` applies the normalization backward. Rows [row0, row0 + rows) of S (one rank's share under a
+process group) or all N rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from fastpair.tables import constant
+
+from . import tuning
+from .jit import fwd_kernel, grad_panel_kernel, input_grad_kernel
+
+LOG2E = 1.4426950408889634
+NORM_EPS = 1e-12
+BOUND = 60.0  # largest 1/t for which exp(S), |S| <= 1/t, is safe in fp32 without a running max
+PANEL_BYTES = 256 * 2**20  # workspace for one row panel of W (the only O(rows * N) buffer)
+
+
+@dataclass(frozen=True)
+class Staged:
+    """The kernels' operands for one call."""
+
+    z: torch.Tensor  # (M, N, D), the inputs stacked in their dtype
+    valid: torch.Tensor  # (M, N) int8 mask, or a 1-element placeholder
+    has_mask: bool
+    rnorm: torch.Tensor  # (M, N) fp32: 1 / max(||z||, eps), or ones when not normalizing
+    scale2: torch.Tensor  # (P,) fp32: log2(e) / t per pair, on the device
+    pairs: tuple[tuple[int, int], ...]
+    in_dtype: torch.dtype  # the inputs' dtype (z may be fp32 in the interpreter for bf16, see stage)
+
+
+@dataclass(frozen=True)
+class Swept:
+    """The forward's statistics of rows [row0, row0 + rows), base 2: per swept direction (p, q) (and
+    (q, p) on the two-direction path) the row log2-sum-exp2, S2_ii and top-1 hits; on the fast path
+    the column sums of exp2(S2) over these rows, (P, N)."""
+
+    lse: torch.Tensor
+    diag: torch.Tensor
+    hits: torch.Tensor | None
+    colsum: torch.Tensor | None
+    bounded: bool
+
+
+def stage(zs, mask, scale2: torch.Tensor, pairs, normalize: bool = True, rnorm=None) -> Staged:
+    """Stack the inputs, cast the mask, and compute the inverse norms (or take the forward's `rnorm`)."""
+    z = torch.stack([t.contiguous() for t in zs])
+    in_dtype = z.dtype
+    if tuning.INTERPRET and z.dtype == torch.bfloat16:
+        # Triton's interpreter misreads bf16 loads (numpy has no bf16). bf16 x bf16 products are exact in
+        # fp32, so fp32 operands give the same logits; only the bf16 rounding of G in the backward dot
+        # differs. bf16 kernel numerics are therefore tested on a GPU.
+        z = z.float()
+    if rnorm is None and normalize:  # fp32 norms without an fp32 copy of the inputs
+        rnorm = 1.0 / torch.linalg.vector_norm(z, dim=2, dtype=torch.float32).clamp_min(NORM_EPS)
+    elif rnorm is None:
+        rnorm = torch.ones(z.shape[:2], dtype=torch.float32, device=z.device)
+    if mask is None:
+        valid = torch.empty(1, dtype=torch.int8, device=z.device)
+    else:
+        valid = mask.to(torch.int8).contiguous()
+    return Staged(z, valid, mask is not None, rnorm, scale2, tuple(pairs), in_dtype)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def forward(staged: Staged, bounded: bool, stats: bool, deterministic: bool, row0: int = 0,
+            rows: int | None = None, cfg=None) -> Swept:
+    """One launch for all pairs. bounded: normalized inputs and every 1/t <= BOUND. The fast path (one
+    direction per pair, column sums by fp32 atomics) unless statistics, unbounded logits or
+    torch.use_deterministic_algorithms ask for the atomic-free two-direction sweep."""
+    z, pairs = staged.z, staged.pairs
+    _, n, d = z.shape
+    rows = n if rows is None else rows
+    device = z.device
+    atomic = bounded and not stats and not deterministic
+    directed = [(p, q, k) for k, (p, q) in enumerate(pairs)]
+    if not atomic:
+        directed = [t for k, (p, q) in enumerate(pairs) for t in ((p, q, k), (q, p, k))]
+    num_dir = len(directed)
+    lse = torch.empty(num_dir, rows, dtype=torch.float32, device=device)
+    diag = torch.empty(num_dir, rows, dtype=torch.float32, device=device)
+    hits = torch.empty(num_dir, rows, dtype=torch.float32, device=device) if stats else lse
+    colsum = torch.zeros(len(pairs), n, dtype=torch.float32, device=device) if atomic else lse
+    # cfg: explicit tiles (bench/tune_gpu.py); by default the autotuned kernel picks them
+    kernel, tiles = (tuning.fwd_tuned, {}) if cfg is None else (fwd_kernel, cfg)
+    kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), num_dir)](
+        z, staged.rnorm, staged.valid, staged.scale2, constant(tuple(directed), torch.int32, str(device)),
+        lse, diag, hits, colsum,
+        n, row0, rows, d, z.stride(0), z.stride(1), *tuning.buckets(n, d),
+        HAS_MASK=staged.has_mask, BOUNDED=bounded, ATOMIC_COLS=atomic, STATS=stats,
+        INPUT_PRECISION=input_precision(staged.in_dtype), **tiles,
+    )
+    return Swept(lse, diag, hits if stats else None, colsum if atomic else None, bounded)
+
+
+def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32) += a @ b; 16-bit operands are multiplied by cuBLAS with fp32 accumulation and output."""
+    if a.dtype == torch.float32:
+        out.addmm_(a, b)
+    else:
+        try:  # aten::addmm.dtype (CUDA, recent torch): bf16/fp16 operands, fp32 accumulator, no copies
+            torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+        except (RuntimeError, TypeError, NotImplementedError):  # CPU (interpreter) or an older torch
+            out.addmm_(a.float(), b.float())
+
+
+def _panel_shape(n: int, span: int, elem_bytes: int, cfg, panel_rows) -> tuple[int, int, int]:
+    """(panel height, smallest BLOCK_M, smallest BLOCK_N) a launch may use. The height is a multiple of
+    every candidate BLOCK_M, so that the autotuner may pick any of them, and at most PANEL_BYTES of W."""
+    configs = [c.kwargs for c in tuning.PANEL_CONFIGS] if cfg is None else [cfg]
+    step = max(c["BLOCK_M"] for c in configs)
+    height = panel_rows or max(step, min(n, PANEL_BYTES // (n * elem_bytes)))
+    height = max(1, min(span, -(-height // step) * step))
+    return height, min(c["BLOCK_M"] for c in configs), min(c["BLOCK_N"] for c in configs)
+
+
+def backward(staged: Staged, lse: torch.Tensor, coef: torch.Tensor, bounded: bool, needs_dt: bool,
+             row0: int = 0, rows: int | None = None, cfg=None, panel_rows=None):
+    """dL/dx times r = 1/max(||z||, eps) per row (fp32, (M, N, D)) and per pair sum_ij G_ij S2_ij (or None).
+
+    lse: (2P, N) base-2 statistics (row 2k: pair k's rows, read at rows [row0, row0 + rows); row 2k+1:
+    its columns, read everywhere); coef: (P,) the incoming gradient times the epilogue's coefficients.
+    Per pair and row panel, one launch writes the panel of W = diag(r_p) G diag(r_q) / t (recomputing S),
+    then two GEMMs take it to both gradients: the 4 N x N x D passes of the floor per pair, plus writing
+    and twice reading W. Deterministic: no atomics, fixed summation order (cuBLAS needs
+    CUBLAS_WORKSPACE_CONFIG under torch.use_deterministic_algorithms, as PyTorch says). Under a process
+    group, the gradient of this rank's rows of x_p and their contribution to every row of x_q."""
+    z, pairs = staged.z, staged.pairs
+    m, n, d = z.shape
+    first, last = row0, row0 + (n if rows is None else rows)
+    device = z.device
+    height, min_m, min_n = _panel_shape(n, last - first, z.element_size(), cfg, panel_rows)
+    w = torch.empty(height, n, dtype=z.dtype, device=device)
+    dxw = torch.zeros(m, n, d, dtype=torch.float32, device=device)
+    sgs = torch.zeros(len(pairs), dtype=torch.float32, device=device)
+    part = torch.zeros(triton.cdiv(height, min_m) * triton.cdiv(n, min_n), dtype=torch.float32, device=device)
+    pair_table = constant(pairs, torch.int32, str(device))
+    kernel, tiles = (tuning.panel_tuned, {}) if cfg is None else (grad_panel_kernel, cfg)
+    for k, (p, q) in enumerate(pairs):
+        for start in range(first, last, height):
+            r = min(height, last - start)
+            if needs_dt:
+                part.zero_()  # a launch writes one partial per tile: none may stay from a larger grid
+            kernel[lambda meta, r=r: (triton.cdiv(r, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
+                z, staged.rnorm, staged.valid, staged.scale2, coef, lse, w, part, pair_table,
+                k, start, r, n, d, z.stride(0), z.stride(1), *tuning.buckets(n, d),
+                HAS_MASK=staged.has_mask, BOUNDED=bounded, NEEDS_DT=needs_dt,
+                INPUT_PRECISION=input_precision(staged.in_dtype), **tiles,
+            )
+            if needs_dt:
+                sgs[k] += part.sum()
+            _accumulate(dxw[p, start:start + r], w[:r], z[q])
+            _accumulate(dxw[q], w[:r].T, z[p, start:start + r])
+    return dxw, (sgs if needs_dt else None)  # dL/dx * r: W carries r_p r_q
+
+
+def input_grads(dxw: torch.Tensor, staged: Staged, normalize: bool) -> torch.Tensor:
+    """dL/dz (M, N, D) in the input dtype from dL/dx * r, one fused pass."""
+    z = staged.z
+    m, n, d = z.shape
+    out = torch.empty(m, n, d, dtype=staged.in_dtype, device=z.device)
+    block_d = max(16, triton.next_power_of_2(d))
+    block_r = 16 if tuning.INTERPRET else max(1, min(64, 8192 // block_d))
+    input_grad_kernel[(triton.cdiv(m * n, block_r),)](
+        dxw, z, staged.rnorm, out, m * n, d, NORMALIZE=normalize, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+    )
+    return out

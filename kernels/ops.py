@@ -1,0 +1,178 @@
+"""The Triton backend as torch.library custom ops: opaque to torch.compile (a compiled step keeps one
+graph), each with a fake implementation for tracing and the backward registered as their autograd.
+
+The forward op launches the sweep (launch.forward), merges statistics across ranks under a process group
+(fastpair.distributed) and hands them to the shared epilogue (fastpair.epilogue); the backward op launches
+the gradient panels (launch.backward) and the input gradient. A custom op takes tensors and plain values
+only, so the validated Call travels flattened and is rebuilt inside (`_call`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastpair import distributed, epilogue
+from fastpair.call import Call, Temperature, modality_pairs, read_temperatures
+from fastpair.tables import constant, pair_valid
+
+from . import launch
+
+LN2 = 0.6931471805599453
+
+# Bump when an op's signature or autograd formula changes: torch.compile's on-disk caches key a compiled
+# step on its forward graph and could replay a backward recorded against the old op.
+OPS_VERSION = 3
+
+
+def _call(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, group) -> Call:
+    """The Call the public function validated, rebuilt from the op's flattened arguments."""
+    pairs = tuple(modality_pairs(len(zs)))
+    values = tuple(known_t) if known_t else tuple(read_temperatures(temperature, len(pairs)))
+    return Call(num_modalities=len(zs), pairs=pairs, temperature=Temperature(values, None, (len(pairs),)),
+                weights=tuple(weights), mask=mask, normalize=normalize, return_stats=stats, backend="triton",
+                block_size=None, shard=distributed.shard_from_op_arguments(sizes, rank, group))
+
+
+def _scale2(temperature: torch.Tensor) -> torch.Tensor:
+    return (launch.LOG2E / temperature.float()).contiguous()  # on the device: no copy from the host
+
+
+@torch.library.custom_op(f"fastpair::pairwise_nce_fwd_v{OPS_VERSION}", mutates_args=())
+def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t: list[float],
+                     mask: torch.Tensor | None, weights: list[float], normalize: bool, stats: bool,
+                     sizes: list[int], rank: int, group: str,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor]:
+    """Returns loss, pair_losses (P,), accuracy (P, 2), lse2 (2P, N), r (M, N), coef (P,) and `bounded`
+    as a 0-d bool tensor on the CPU (so that the backward reads it without a device sync).
+    temperature: (P,) tensor; known_t: the same values as numbers when the caller had them (no sync).
+    sizes, rank, group: fastpair.distributed.op_arguments of a process group ([], 0, "" without one)."""
+    call = _call(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, group)
+    n = zs[0].shape[0]
+    r0, r1 = call.rows(n)
+    bounded = normalize and max(1.0 / t for t in call.temperature.values) <= launch.BOUND
+    with torch.autocast(device_type=zs[0].device.type, enabled=False):
+        staged = launch.stage(zs, mask, _scale2(temperature), call.pairs, normalize=normalize)
+        swept = launch.forward(staged, bounded, stats, torch.are_deterministic_algorithms_enabled(),
+                               row0=r0, rows=r1 - r0)
+        table, lse_row, lse_col, diag = _statistics(call, swept, n)
+        hits = None
+        if stats:
+            hits = torch.stack([swept.hits[0::2].sum(dim=1), swept.hits[1::2].sum(dim=1)])
+        done = epilogue.finish(call, n, lse_row * LN2, lse_col * LN2, diag * LN2, hits)
+    return (done.loss, done.pair_losses, done.accuracy, table, staged.rnorm, done.coef,
+            torch.tensor(bounded, dtype=torch.bool))
+
+
+def _statistics(call: Call, swept: launch.Swept, n: int):
+    """The backward's (2P, N) lse2 table (row 2k: pair k's row statistics, needed at this process's rows;
+    row 2k+1: its column statistics, needed at every row) and, at this process's rows, the epilogue's
+    (P, rows) row and column lse2 and S2_ii. Column statistics of every rank's rows: all-gathered from the
+    reverse direction's rows (two-direction path) or from the all-reduced column sums (fast path)."""
+    r0, r1 = call.rows(n)
+    num_pairs = len(call.pairs)
+    if swept.colsum is None:
+        local = swept.lse
+        table = local if call.shard is None else distributed.gather_rows(call.shard, local.T).T.contiguous()
+        return table, local[0::2], local[1::2], swept.diag[0::2]
+    colsum = swept.colsum if call.shard is None else distributed.sum_over_ranks(call.shard, swept.colsum)
+    col = torch.log2(colsum)
+    if call.mask is not None:
+        col = torch.where(pair_valid(call.mask, call.pairs), col, torch.zeros_like(col))
+    row = swept.lse
+    if call.shard is not None:  # other ranks' row statistics are never read: zeros
+        row = torch.zeros(num_pairs, n, dtype=row.dtype, device=row.device)
+        row[:, r0:r1] = swept.lse
+    table = torch.stack([row, col], dim=1).reshape(2 * num_pairs, n)
+    return table, swept.lse, col[:, r0:r1], swept.diag
+
+
+@pairwise_nce_fwd.register_fake
+def _(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, group):
+    m, n = len(zs), zs[0].shape[0]
+    p = m * (m - 1) // 2
+
+    def f32(*shape):
+        return zs[0].new_empty(shape, dtype=torch.float32)
+
+    return f32(), f32(p), f32(p, 2), f32(2 * p, n), f32(m, n), f32(p), torch.empty((), dtype=torch.bool)
+
+
+@torch.library.custom_op(f"fastpair::pairwise_nce_bwd_v{OPS_VERSION}", mutates_args=())
+def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: torch.Tensor,
+                     mask: torch.Tensor | None, lse: torch.Tensor, rnorm: torch.Tensor, coef: torch.Tensor,
+                     bounded: torch.Tensor, normalize: bool, needs_dt: bool, sizes: list[int], rank: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns dL/dz stacked (M, N, D) in the input dtype and dL/dt (P,) (zeros when not needed).
+    bounded: the forward's 0-d CPU bool; the temperatures are not read on the host again. With a process
+    group, the gradient of this rank's share of the loss w.r.t. the gathered batch (no communication
+    here: the gather's backward sums the ranks' gradients)."""
+    pairs = tuple(modality_pairs(len(zs)))
+    n = zs[0].shape[0]
+    r0, rows = (sum(sizes[:rank]), sizes[rank]) if sizes else (0, n)
+    with torch.autocast(device_type=zs[0].device.type, enabled=False):
+        staged = launch.stage(zs, mask, _scale2(temperature), pairs, rnorm=rnorm)
+        dxw, sgs = launch.backward(staged, lse, (grad.float() * coef).contiguous(), bool(bounded.item()),
+                                   needs_dt, row0=r0, rows=rows)
+        grads = launch.input_grads(dxw, staged, normalize)
+        if needs_dt:  # dL/dt = -(1/t) sum G S, S = S2 ln 2
+            dt = -(LN2 / temperature.float()) * sgs
+        else:
+            dt = torch.zeros(len(pairs), dtype=torch.float32, device=zs[0].device)
+    return grads, dt
+
+
+@pairwise_nce_bwd.register_fake
+def _(grad, zs, temperature, mask, lse, rnorm, coef, bounded, normalize, needs_dt, sizes, rank):
+    m, (n, d) = len(zs), zs[0].shape
+    return zs[0].new_empty((m, n, d)), zs[0].new_empty((m * (m - 1) // 2,), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, _group = inputs
+    _, pair_losses, accuracy, lse, rnorm, coef, bounded = output
+    ctx.save_for_backward(temperature, lse, rnorm, coef, bounded, *zs)
+    ctx.mask = mask
+    ctx.sizes, ctx.rank = sizes, rank
+    ctx.known_t = known_t
+    ctx.normalize = normalize
+    ctx.needs_dt = temperature.requires_grad
+    ctx.mark_non_differentiable(pair_losses, accuracy, lse, rnorm, coef, bounded)
+
+
+def _backward(ctx, grad_loss, *_unused):
+    temperature, lse, rnorm, coef, bounded, *zs = ctx.saved_tensors
+    grads, dt = pairwise_nce_bwd(grad_loss, zs, temperature, ctx.mask, lse, rnorm, coef, bounded,
+                                 ctx.normalize, ctx.needs_dt, ctx.sizes, ctx.rank)
+    # torch.library matches the gradient structure to the inputs' pytree, where an empty list stays a list
+    known_grad = [] if not ctx.known_t else None
+    sizes_grad = [] if not ctx.sizes else None
+    return (list(grads.unbind(0)), (dt if ctx.needs_dt else None), known_grad, None, None, None, None,
+            sizes_grad, None, None)
+
+
+pairwise_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def pairwise_nce_triton(zs, call: Call):
+    """(loss, pair_losses, accuracy) of a validated call through the custom ops. A temperature tensor
+    keeps its gradient; its values are read and checked inside the forward op (one small host sync)."""
+    device = zs[0].device
+    num_pairs = len(call.pairs)
+    if call.temperature.values is None:
+        t = call.temperature.tensor.to(device=device, dtype=torch.float32).reshape(-1)
+        t = t.expand(num_pairs).contiguous() if t.numel() == 1 else t
+        known: list[float] = []
+    else:
+        known = list(call.temperature.values)
+        if torch.compiler.is_compiling():  # a constant of the graph (dynamo does not trace lru_cache)
+            t = torch.tensor(known, dtype=torch.float32, device=device)
+        else:
+            t = constant(tuple(known), torch.float32, str(device))
+    sizes, rank, group = distributed.op_arguments(call.shard)
+    try:
+        loss, pair_losses, accuracy, *_ = pairwise_nce_fwd(zs, t, known, call.mask, list(call.weights),
+                                                           call.normalize, call.return_stats, sizes, rank, group)
+    finally:  # the forward op found the group by name; no reference may outlive the call
+        distributed.release_op_arguments(group)
+    return loss, pair_losses, accuracy

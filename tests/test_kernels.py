@@ -1,0 +1,106 @@
+"""Internals of the Triton backend: its two forward paths and several-panel backward against each other and
+the reference, the custom ops' registration, and the autotuner's candidate filter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, check_against_reference, device_for, make_embeddings, on, randn, small
+
+from fastpair import pairwise_nce
+from fastpair.reference import pairwise_nce_reference
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_triton_backward_with_several_panels_per_pair(normalize, monkeypatch, triton_only):
+    """The W-panel + GEMM backward split into several row panels per pair gives the reference's gradients."""
+    from fastpair.kernels import launch
+
+    n = small(70, "triton")
+    zs = make_embeddings(3, n, 20, seed=20)
+    mask = torch.rand(3, n, generator=torch.Generator().manual_seed(2)) > 0.2
+    monkeypatch.setattr(launch, "PANEL_BYTES", 16 * n * 4)  # panels of 16 rows: several per pair
+    t = torch.tensor([0.05, 0.1, 0.003])
+    check_against_reference([(z.detach() * (1.0 if normalize else 0.3)).requires_grad_() for z in zs], "triton",
+                            temperature=t.tolist(), learnable=True, mask=mask, normalize=normalize)
+
+
+def test_triton_atomic_and_deterministic_paths_agree(deterministic_algorithms, triton_only):
+    """The fast path (column sums by atomics) and the atomic-free path compute the same loss and gradients."""
+    zs = on(make_embeddings(3, small(100, "triton"), 24, seed=19), "triton")
+    mask = torch.rand(3, zs[0].shape[0], generator=torch.Generator().manual_seed(1)).to(zs[0].device) > 0.2
+    out = []
+    for deterministic in (True, False):
+        torch.use_deterministic_algorithms(deterministic)
+        for z in zs:
+            z.grad = None
+        loss = pairwise_nce(*zs, temperature=0.05, mask=mask, backend="triton")
+        loss.backward()
+        out.append([loss.detach().clone()] + [z.grad.clone() for z in zs])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_custom_ops_pass_opcheck(triton_only):
+    """torch.library.opcheck: schema, fake (meta) implementations and autograd registration agree."""
+    from fastpair.kernels import ops
+
+    dev = device_for("triton")
+    zs = [randn(20, 8, seed=k, device=dev).requires_grad_() for k in range(3)]
+    t = torch.tensor([0.05, 0.1, 0.2], device=dev, requires_grad=True)
+    mask = torch.rand(3, 20, generator=torch.Generator().manual_seed(3)).to(dev) > 0.2
+    torch.library.opcheck(ops.pairwise_nce_fwd, (zs, t, [], mask, [1.0, 2.0, 0.5], True, False, [], 0, ""),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_autotune_candidates():
+    """The autotuner's candidate filter (pure host logic, so it is checked on every machine)."""
+    from fastpair.kernels import tuning as K
+
+    def tiles(configs):
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) for c in configs]
+
+    h100, a100 = 227 * 1024, 163 * 1024
+    for configs in (K.FWD_GPU_CONFIGS, K.PANEL_GPU_CONFIGS):
+        # bf16 at the goal shape: every candidate is timed, with its own pipeline depth
+        assert tiles(K.keep(configs, 32768, 512, 2, h100)) == tiles(configs)
+        # fp32 on an A100: the 128 x 256 tile has no room for two stages; the others lose stages
+        kept = tiles(K.keep(configs, 32768, 512, 4, a100))
+        assert (128, 256, 64, 3) not in kept and (128, 256, 64, 2) not in kept
+        assert all(s >= 2 and s * (bm + bn) * bk * 4 <= a100 for bm, bn, bk, s in kept)
+        assert len(kept) == 2
+        # D = 20 pads to 32: no 64-wide K chunks of masked zeros
+        assert {bk for _, _, bk, _ in tiles(K.keep(configs, 32768, 32, 2, h100))} == {32}
+        # small N: the smallest tile alone (nothing to time); huge N: the first (best-measured) config
+        assert tiles(K.keep(configs, 1024, 512, 2, h100)) == [(64, 128, 64, 4)]
+        assert tiles(K.keep(configs, 2**20, 512, 2, h100)) == tiles(configs[:1])
+        # a GPU with too little shared memory for any pipeline still gets one (unpipelined) tile
+        assert tiles(K.keep(configs, 32768, 512, 4, 32 * 1024)) == [(64, 128, 64, 1)]
+    assert K.buckets(1, 1) == (1, 16) and K.buckets(4097, 300) == (8192, 512)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cuda_autotuned_kernels_match_reference(deterministic, deterministic_algorithms):
+    """N above SMALL_N, so the autotuner times several configs before the real launch: what the timed runs
+    accumulate (atomic column sums on the fast path, per-tile partials of dL/dt) must not leak into the
+    result."""
+    from fastpair.kernels import tuning as K
+
+    torch.use_deterministic_algorithms(deterministic)
+    n = 4096 + 37  # N bucket 8192: a key no other test uses
+    zs = make_embeddings(3, n, 96, seed=21, device="cuda")
+    t = torch.tensor([0.05, 0.07, 0.1], device="cuda", requires_grad=True)
+    K.fwd_tuned.cache.clear()
+    K.panel_tuned.cache.clear()
+    loss = pairwise_nce(*zs, temperature=t, backend="triton")  # no stats: the atomic path unless deterministic
+    loss.backward()
+    assert len(K.fwd_tuned.cache) == 1 and len(K.panel_tuned.cache) == 1
+    refs = [z.detach().cpu().double().requires_grad_() for z in zs]
+    t_ref = t.detach().cpu().double().requires_grad_()
+    ref = pairwise_nce_reference(*refs, temperature=t_ref)
+    ref.backward()
+    assert_close(loss.cpu(), ref, torch.float32, 1.0, "loss")
+    for m, (z, r) in enumerate(zip(zs, refs)):
+        assert_close(z.grad.cpu(), r.grad, torch.float32, 1.0, f"grad {m}", magnitude=1.0 / (0.05 * n))
+    assert_close(t.grad.cpu(), t_ref.grad, torch.float32, 1.0, "grad of temperature")
