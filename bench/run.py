@@ -10,7 +10,7 @@ All providers of a shape run back to back, so the ratios of the report come from
 - CPU: float32, N in (1024, 4096, 16384) x D in (128, 512) (--quick: N=1024). Per provider, peak memory
   first (a fresh process), then the timing: median of rounds after warm-up calls, schedule cpu_rounds.
 - CUDA: bf16 at D=512 for N=1024 ... 65536 and at D=128 and D=1024 for N=4096 and 32768, fp32 at D=512
-  for N=4096 and 32768 (--quick: bf16, D=512, N=4096 and 32768); then, unless --quick or --n, one step of
+  for N=4096 and 32768 (--quick: bf16, D=512, N=4096 and 32768); then, unless --quick, --n or --d, one step of
   fastpair-triton at N=2^20, D=512, bf16 (fits? time, memory). Per provider a warm-up step (compilation,
   autotuning), peak memory of one step, then do_bench medians of the full step, and for fastpair-triton(-det)
   and plain-pytorch of forward and backward too. Running out of memory or failing (a peer's own limits)
