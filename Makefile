@@ -28,12 +28,11 @@ train: $(STAMP)
 
 # CPU benchmark: providers x shapes, then the report (bench/results/*.json, .md, .png and README's table).
 bench: $(STAMP)
-	$(PY) -m pytest bench -q -p no:cacheprovider --benchmark-json=bench/results/raw/cpu-benchmark.json
-	$(PY) -m bench.report bench/results/raw/cpu-benchmark.json --update-readme
+	$(PY) -m bench.run --device cpu --update-readme
 
+# The same at N=1024 only (a smoke run of a few minutes), into the git-ignored bench/results/raw.
 bench-quick: $(STAMP)
-	$(PY) -m pytest bench -q -p no:cacheprovider -k "1024" --benchmark-json=bench/results/raw/cpu-quick.json
-	$(PY) -m bench.report bench/results/raw/cpu-quick.json --out bench/results/raw
+	$(PY) -m bench.run --device cpu --quick --out bench/results/raw
 
 lint: $(STAMP)
 	$(PY) -m ruff check fastpair kernels training bench tests
@@ -48,7 +47,7 @@ GPU_TEST_ARGS ?= $(shell $(GPU_PYTHON) -c "import xdist" 2>/dev/null && echo "-n
 gpu-check:
 	$(GPU_PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(GPU_PYTHON) -m pytest tests -q -p no:cacheprovider $(GPU_TEST_ARGS)
-	$(GPU_PYTHON) -m bench.gpu $(GPU_BENCH_ARGS)
+	$(GPU_PYTHON) -m bench.run --device cuda $(GPU_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .benchmarks build *.egg-info

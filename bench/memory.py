@@ -1,12 +1,13 @@
-"""Peak memory growth of one fwd+bwd of a provider, measured in a fresh process.
+"""Peak memory growth of one forward + backward of a provider, above what was allocated before the call.
 
-CPU: after inputs are made and a warm-up call has run (thread pools; at the same shape for
-torch.compile, which compiles per shape, at N <= 256 otherwise), the kernel's peak-RSS mark is reset
-(/proc/self/clear_refs, "5") and the growth of VmHWM over VmRSS during one more call is reported. The
-growth includes the gradients the call allocates (M * N * D elements). CUDA: torch.cuda.max_memory_allocated
-over the allocation before the call.
+CPU, in a fresh process (so that no earlier provider's freed pages or caches count): after the inputs are
+made and a warm-up call has run (thread pools; at the same shape for a provider that compiles per shape,
+at N <= 256 otherwise), the kernel's peak-RSS mark is reset (/proc/self/clear_refs, "5") and the growth
+of VmHWM over VmRSS during one more call is reported. The growth includes the gradients the call
+allocates (M * N * D elements). CUDA, in the benchmark's process after its warm-up call:
+torch.cuda.max_memory_allocated over torch.cuda.memory_allocated before the call.
 
-    python -m bench.memory PROVIDER N D [--device cpu|cuda] [--dtype float32|bfloat16]
+    python -m bench.memory PROVIDER N D     (the CPU probe; prints one JSON line)
 """
 
 from __future__ import annotations
@@ -14,10 +15,33 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import subprocess
+import sys
 
 import torch
 
-from bench.providers import PROVIDERS, make_inputs
+from bench.providers import get, make_inputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cpu_peak_mib(provider: str, n: int, d: int) -> float:
+    """Run the CPU probe for provider at (n, d) in a fresh process; its peak growth in MiB."""
+    out = subprocess.run([sys.executable, "-m", "bench.memory", provider, str(n), str(d)], cwd=ROOT,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench.memory {provider} {n} {d} failed: {out.stderr.strip()[-400:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def cuda_peak_mib(step) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def _status_mib(key: str) -> float:
@@ -28,37 +52,29 @@ def _status_mib(key: str) -> float:
     raise RuntimeError(f"{key} not found in /proc/self/status")
 
 
-def measure(provider: str, n: int, d: int, device: str = "cpu", dtype=torch.float32) -> float:
-    fn = PROVIDERS[provider]
-    zs = make_inputs(n, d, dtype=dtype, device=device)
-    fn(zs if provider == "torch-compile" else make_inputs(min(n, 256), d, dtype=dtype, device=device))
+def _measure_cpu(name: str, n: int, d: int) -> float:
+    provider = get(name, "cpu")
+    zs = make_inputs(n, d)
+    provider.step(zs if provider.compiles else make_inputs(min(n, 256), d))()
+    step = provider.step(zs)
     for z in zs:
         z.grad = None
     gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn(zs)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
     base = _status_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    fn(zs)
+    step()
     return _status_mib("VmHWM") - base
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("provider", choices=sorted(PROVIDERS))
+    parser.add_argument("provider")
     parser.add_argument("n", type=int)
     parser.add_argument("d", type=int)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
-    growth = measure(args.provider, args.n, args.d, args.device, getattr(torch, args.dtype))
-    print(json.dumps({"provider": args.provider, "n": args.n, "d": args.d, "peak_growth_mib": round(growth, 1)}))
+    growth = _measure_cpu(args.provider, args.n, args.d)
+    print(json.dumps({"provider": args.provider, "n": args.n, "d": args.d, "peak_mib": round(growth, 1)}))
     return 0
 
 

@@ -1,72 +1,164 @@
-"""Providers measured by the benchmark: one callable per provider, fwd+bwd of M=3 pairwise InfoNCE.
+"""The benchmark's providers, one set for CPU and GPU: each computes M=3 pairwise InfoNCE one way.
 
-Every provider gets the same inputs (three (N, D) leaf tensors) and runs forward and backward once.
-Baselines come from fastpair.reference (the tests' oracle), not re-written here.
+Every provider gets the same inputs (M leaf tensors of shape (N, D)) and its timed unit is one forward +
+backward. Baselines come from fastpair.reference (the tests' oracle), not re-written here. Peers are
+optional imports: one that does not import is returned as skipped with the reason, never replaced.
+
+    fastpair-torch       the blocked PyTorch backend (cpu, cuda)
+    fastpair-triton      the Triton kernels, fast path (cuda)
+    fastpair-triton-det  the same under torch.use_deterministic_algorithms(True): atomic-free (cuda)
+    plain-pytorch        materialized N x N logits + F.cross_entropy both ways, input dtype (cpu, cuda)
+    torch-compile        torch.compile of plain-pytorch, default options, one compiled function (cpu, cuda)
+    open_clip-x3         open_clip ClipLoss once per pair (cuda)
+    inf_cl-x6            Inf-CL cal_inf_loss once per direction of each pair; D a multiple of 128 (cuda)
+    memeff-x3            memeff MemoryEfficientCLIPLoss(stable=False) once per pair (cuda)
+    gemm-floor           the 12 N x N x D matmuls any exact O(N*D)-memory method needs (fastpair.flops),
+                         with torch.matmul: per pair S = X Y^T, S again, dX = G Y, dY = G^T X (cpu, cuda)
 """
 
 from __future__ import annotations
 
-import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from fastpair import pairwise_nce
+from fastpair import modality_pairs, pairwise_nce
 from fastpair.reference import pairwise_nce_reference
 
 TEMPERATURE = 0.07
+M = 3
+PAIRS = modality_pairs(M)
+FLOOR = "gemm-floor"
 
 
-def make_inputs(n: int, d: int, m: int = 3, dtype=torch.float32, device="cpu", seed: int = 0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    return [torch.randn(n, d, generator=g, dtype=torch.float32).to(device=device, dtype=dtype).requires_grad_()
-            for _ in range(m)]
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    devices: tuple[str, ...]
+    loss: Callable | None  # zs -> scalar loss; None for the floor, which computes no loss
+    deterministic: bool = False  # run under torch.use_deterministic_algorithms(True)
+    compiles: bool = False  # compiles per shape, so its warm-up must be at the measured shape
+
+    def step(self, zs) -> Callable[[], None]:
+        """The timed unit on zs: forward + backward (for the floor, its 12 GEMMs)."""
+        if self.loss is None:
+            return gemm_floor(zs)
+
+        def full():
+            for z in zs:
+                z.grad = None
+            self.loss(zs).backward()
+
+        return full
 
 
-def _zero_grads(zs):
-    for z in zs:
-        z.grad = None
+def make_inputs(n: int, d: int, m: int = M, dtype=torch.float32, device="cpu", seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(n, d, generator=g, device=device, dtype=dtype).requires_grad_() for _ in range(m)]
 
 
-def fastpair_torch(zs):
-    _zero_grads(zs)
-    pairwise_nce(*zs, temperature=TEMPERATURE, backend="torch").backward()
-
-
-def plain_pytorch(zs):
-    """Materialized N x N logits + F.cross_entropy in both directions, in the input dtype."""
-    _zero_grads(zs)
-    pairwise_nce_reference(*zs, temperature=TEMPERATURE, upcast=False).backward()
-
-
-_compiled = None
-
-
-def torch_compile(zs):
-    """torch.compile of plain PyTorch (what a CPU user would pick instead); compiled once, dynamic=False."""
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(lambda *z: pairwise_nce_reference(*z, temperature=TEMPERATURE, upcast=False))
-    _zero_grads(zs)
-    _compiled(*zs).backward()
-
-
-def gemm_floor_inputs(zs):
-    """Operands of the 12-GEMM floor: per pair S = X Y^T, S again, dX = G Y, dY = G^T X (G: any N x N)."""
+def gemm_floor(zs) -> Callable[[], None]:
+    """The floor's 12 GEMMs on zs's values; G stands for the N x N gradient of the logits (any values)."""
     xs = [z.detach() for z in zs]
     g = torch.randn(xs[0].shape[0], xs[0].shape[0], dtype=xs[0].dtype, device=xs[0].device)
-    return xs, g
+
+    def floor():
+        for p, q in PAIRS:
+            torch.matmul(xs[p], xs[q].T)
+            torch.matmul(xs[p], xs[q].T)
+            torch.matmul(g, xs[q])
+            torch.matmul(g.T, xs[p])
+
+    return floor
 
 
-def gemm_floor(xs, g):
-    for p, q in itertools.combinations(range(len(xs)), 2):
-        torch.matmul(xs[p], xs[q].T)
-        torch.matmul(xs[p], xs[q].T)
-        torch.matmul(g, xs[q])
-        torch.matmul(g.T, xs[p])
+def _fastpair(backend: str) -> Callable:
+    return lambda zs: pairwise_nce(*zs, temperature=TEMPERATURE, backend=backend)
 
 
-PROVIDERS = {
-    "fastpair-torch": fastpair_torch,
-    "plain-pytorch": plain_pytorch,
-    "torch-compile": torch_compile,
-}
+def _plain(zs):
+    return pairwise_nce_reference(*zs, temperature=TEMPERATURE, upcast=False)
+
+
+def _compiled() -> Callable:
+    compiled = torch.compile(lambda *z: pairwise_nce_reference(*z, temperature=TEMPERATURE, upcast=False))
+    return lambda zs: compiled(*zs)
+
+
+def _open_clip() -> Callable:
+    from open_clip.loss import ClipLoss
+
+    clip = ClipLoss()
+
+    def loss(zs):
+        xs = [F.normalize(z, dim=-1) for z in zs]
+        return sum(clip(xs[p], xs[q], 1.0 / TEMPERATURE) for p, q in PAIRS) / len(PAIRS)
+
+    return loss
+
+
+def _inf_cl() -> Callable:
+    from inf_cl import cal_inf_loss
+
+    def one_way(x, y, head):
+        return cal_inf_loss(x, y, scale=1.0 / TEMPERATURE, head_dim=head)
+
+    def loss(zs):
+        d = zs[0].shape[1]
+        head = 256 if d % 256 == 0 else 128 if d % 128 == 0 else None
+        if head is None:
+            raise ValueError("inf-cl needs D a multiple of 128 or 256")
+        xs = [F.normalize(z, dim=-1) for z in zs]
+        return sum(one_way(xs[p], xs[q], head) + one_way(xs[q], xs[p], head) for p, q in PAIRS) / (2 * len(PAIRS))
+
+    return loss
+
+
+def _memeff() -> Callable:
+    from memeff import MemoryEfficientCLIPLoss
+
+    mem = MemoryEfficientCLIPLoss(temperature=TEMPERATURE, stable=False)
+    return lambda zs: sum(mem(zs[p], zs[q]) for p, q in PAIRS) / len(PAIRS)
+
+
+CPU, CUDA = ("cpu", "cuda"), ("cuda",)
+# name, devices, builder of the loss (None: the floor), flags. The order is the run order on every device:
+# on CPU it is the order of the CPU benchmark since 2026-11 (floor, fastpair, compile, plain).
+_SPECS = [
+    (FLOOR, CPU, None, {}),
+    ("fastpair-triton", CUDA, lambda: _fastpair("triton"), {}),
+    ("fastpair-triton-det", CUDA, lambda: _fastpair("triton"), {"deterministic": True}),
+    ("fastpair-torch", CPU, lambda: _fastpair("torch"), {}),
+    ("torch-compile", CPU, _compiled, {"compiles": True}),
+    ("plain-pytorch", CPU, lambda: _plain, {}),
+    ("open_clip-x3", CUDA, _open_clip, {}),
+    ("inf_cl-x6", CUDA, _inf_cl, {}),
+    ("memeff-x3", CUDA, _memeff, {}),
+]
+NAMES = [name for name, *_ in _SPECS]
+
+
+def for_device(device: str, only=None) -> tuple[list[Provider], dict[str, str]]:
+    """The providers that run on device (all, or those named in only; the floor always), in run order,
+    and {name: reason} for those that cannot run here (a peer that does not import)."""
+    runnable, skipped = [], {}
+    for name, devices, build, flags in _SPECS:
+        if device not in devices or (only and name not in only and name != FLOOR):
+            continue
+        try:
+            loss = None if build is None else build()
+        except Exception as err:  # noqa: BLE001 - any import failure means "not usable here"
+            skipped[name] = repr(err)
+            continue
+        runnable.append(Provider(name, devices, loss, **flags))
+    return runnable, skipped
+
+
+def get(name: str, device: str) -> Provider:
+    found, skipped = for_device(device, only=[name])
+    match = [p for p in found if p.name == name]
+    if not match:
+        raise SystemExit(f"provider {name} does not run on {device}: {skipped.get(name, 'not one of its devices')}")
+    return match[0]
