@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: venv test train bench bench-quick lint gpu-check clean
+.PHONY: venv test dist-check train bench bench-quick lint gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,19 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q
+
+# The package as a user installs it: the sdist, the wheel built from it, the wheel installed outside the
+# checkout, and its three packages imported from there (not from the editable install).
+WHEEL_DIR := build/wheel-check
+dist-check: $(STAMP)
+	rm -rf dist $(WHEEL_DIR)
+	$(PY) -m build --no-isolation --outdir dist . > /dev/null
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --target $(WHEEL_DIR) dist/*.whl
+	cd /tmp && PYTHONPATH=$(CURDIR)/$(WHEEL_DIR) $(CURDIR)/$(PY) -c "import fastpair, fastpair.kernels, \
+	fastpair.training, os; assert fastpair.__file__.startswith('$(CURDIR)/$(WHEEL_DIR)'), fastpair.__file__; \
+	assert os.path.exists(os.path.join(os.path.dirname(fastpair.__file__), 'py.typed')); \
+	print('wheel', fastpair.__version__, 'imports fastpair, fastpair.kernels, fastpair.training')"
+	tar -tzf dist/fastpair-*.tar.gz | grep -q "/LICENSE$$" && tar -tzf dist/fastpair-*.tar.gz | grep -q "/docs/design.md$$"
 
 # The paper's protocol on the built-in synthetic data: label-free training, baselines, fusion probe.
 train: $(STAMP)
@@ -50,4 +63,4 @@ gpu-check:
 	$(GPU_PYTHON) -m bench.run --device cuda $(GPU_BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .benchmarks build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .benchmarks build dist *.egg-info
