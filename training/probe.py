@@ -38,11 +38,9 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, p
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
-from .data import atomic_write
+from .data import MODALITIES, SPLITS, atomic_write
 
-MODALITIES = ("text", "audio", "vision")
 SUBSETS: list[tuple[str, ...]] = [c for k in (1, 2, 3) for c in combinations(MODALITIES, k)]  # T A V TA TV AV TAV
-SPLITS = ("train", "valid", "test")
 TASKS = ("multiclass", "regression")
 C_GRID = (0.01, 0.1, 1.0, 10.0)  # LogisticRegression inverse L2 strength, strongest first
 ALPHA_GRID = (1e4, 1e3, 1e2, 1e1, 1.0, 0.1)  # Ridge L2 strength, strongest first

@@ -81,8 +81,8 @@ from torch import nn
 
 from fastpair import PairwiseNCE, modality_pairs
 
-from .data import atomic_write
-from .models import MODALITIES, MultimodalEncoder, present
+from .data import MODALITIES, atomic_write
+from .models import MultimodalEncoder, present
 
 ENCODER_NAMES = ("pairwise_nce", "random_init", "supervised")
 
