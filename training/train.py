@@ -18,54 +18,13 @@ written to a temporary file and renamed, so a run killed at any moment leaves th
 checkpoint intact; ``--resume`` continues from it and, on CPU, ends with bitwise the weights of a run
 never interrupted (the data order of an epoch comes from (seed, epoch), the dropout RNG is saved).
 
-Under torchrun (``torchrun --nproc-per-node K -m fastpair.training.train ...``, also multi-node with
-``--nnodes``/``--rdzv-*``), detected from WORLD_SIZE > 1 with RANK and LOCAL_RANK set:
-
-- Process group: NCCL with one GPU per process (cuda:LOCAL_RANK) when the run's device is CUDA, gloo on
-  CPU; destroyed at the end, also when a rank raises. The model is wrapped in DistributedDataParallel and
-  pairwise_nce gets ``group=`` the default group: embeddings are all-gathered, so every sample has the
-  whole global batch as negatives, and the averaged gradients are those of the concatenated batch.
-- Batches: ``--batch-size`` B is per rank; the global batch, and so the number of negatives per sample, is
-  W x B (W ranks). A DistributedSampler (shuffled per epoch with set_epoch, seed from --seed,
-  drop_last) deals each rank n // W training samples, B at a time. Its permutation is the one a single
-  process uses, so step i's global batch is the set of samples a single-process run with --batch-size
-  W x B sees at step i (the loss does not depend on their order); dropout differs (each rank has its own
-  RNG stream).
-- Validation: rank 0 alone evaluates the whole valid split in batches of B (the numbers a single process
-  with --batch-size B reports for the same weights, comparable across world sizes) and broadcasts the
-  loss, so every rank takes the same early-stopping decision.
-- Files: rank 0 alone writes log.jsonl, checkpoint.pt, best.pt, results.json/.png and prints; the other
-  ranks stay quiet (no progress bar). A write that fails on rank 0 fails every rank. ``model`` in a
-  checkpoint is the plain state_dict (no DDP "module." prefix): checkpoints of single-process and
-  torchrun runs are interchangeable and ``fastpair-probe`` reads both. After training every rank leaves
-  the process group; rank 0 runs the probe, the others exit 0.
-- Errors: argument errors are found before the process group starts (every rank prints the same
-  ``fastpair-train: error: ...`` line and exits 2); errors after it (data, run directory, checkpoint,
-  ranks started with other options or seeing other data) are agreed on: every rank raises the first
-  failing rank's message, so none waits for a rank that left. (torchrun stops a node's other ranks as
-  soon as one exits non-zero, so some may be stopped before they print.) A crash or bug on one rank is
-  torchrun's to handle: the others fail in their next collective (at once with gloo; with NCCL at the
-  latest after the process group's timeout).
-- ``--resume``: every rank reads DIR/checkpoint.pt, so on several nodes --out must be a shared
-  filesystem (a rank that cannot see rank 0's checkpoint stops every rank with an error saying so). The
-  checkpoint holds every rank's RNG state. With the same world size a resumed run continues with the
-  same weights, optimizer, schedule, early-stopping state, data order and per-rank dropout RNG as the
-  interrupted one; measured on CPU with 2 gloo ranks, a job whose rank 1 was killed (SIGKILL) in epoch 3
-  and resumed ended with bitwise the weights of an uninterrupted one, which is not promised on GPUs
-  (NCCL reductions and CUDA kernels need not be bitwise reproducible). Since --resume without a
-  checkpoint starts afresh, ``torchrun --max-restarts N ... --resume`` restarts a failed job from its
-  last finished epoch. A different world size (or a single-process run resumed under torchrun, and
-  back) works too: the schedule continues from the finished epochs (step = epoch x the new steps per
-  epoch), ranks the saved run did not have start fresh RNG streams, and the global batch becomes the
-  new W x B (the resume line says so). The other options must be those of the run, --batch-size too.
+Under torchrun: ``fastpair.training.world``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import gc
 import inspect
 import io
 import json
@@ -73,7 +32,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -81,241 +39,23 @@ from torch import nn
 
 from fastpair import PairwiseNCE, modality_pairs
 
+from .config import Config, TrainError, baselines, parse_config, parser
 from .data import MODALITIES, atomic_write
 from .models import MultimodalEncoder, present
+from .world import (
+    World,
+    agreed,
+    check_same_run,
+    current_world,
+    device_of,
+    from_rank0,
+    process_group,
+    quiet,
+    rng_state,
+    torchrun_world,
+)
 
 ENCODER_NAMES = ("pairwise_nce", "random_init", "supervised")
-
-
-@dataclass
-class Config:
-    data: str = "synthetic"  # "synthetic" or a feature file (MulT / MMSA pickle, .npz)
-    out: str = "runs/fastpair"
-    epochs: int = 40  # the total, also when resuming
-    batch_size: int = 128
-    lr: float = 1e-3
-    optimizer: str = "adamw"  # or "sgd" (the paper: momentum 0.9)
-    weight_decay: float = 0.01  # on weight matrices only (the paper's SGD used 1e-3)
-    schedule: str = "cosine"  # per-step cosine to lr/10 after a one-epoch warmup; or "step" (x0.9 / 5 epochs)
-    grad_clip: float = 1.0
-    patience: int = 10  # early stopping: epochs without a better validation loss
-    temperature: float = 0.07  # initial; learned
-    width: int = 128  # encoder width (the paper's text Transformer: 300)
-    layers: int = 2
-    dropout: float = 0.1
-    seed: int = 0
-    data_seed: int = 0  # the synthetic dataset's seed (the same data for every training seed)
-    device: str = "auto"  # auto | cpu | cuda
-    transductive: bool = False  # label-free training also on valid and test (the authors' setting)
-    baselines: str = "random_init,supervised"  # comma-separated subset; "" for none
-    tensorboard: bool = False
-
-
-class TrainError(ValueError):
-    """A bad argument or run directory: one line on stderr, exit status 2."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line and configuration
-
-def _parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
-                                   argument_default=argparse.SUPPRESS)
-
-
-def parse_config(argv) -> tuple[Config, bool]:
-    """Config from dataclass defaults < ``--config FILE`` (JSON or TOML) < explicit options."""
-    p = _parser("fastpair-train", __doc__)
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action="store_true")
-        else:
-            p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str))
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--config", help="a JSON or TOML file of the options above (names with underscores)")
-    args = vars(p.parse_args(argv))
-    resume = args.pop("resume", False)
-    values = read_config_file(args.pop("config")) if "config" in args else {}
-    values.update(args)
-    try:
-        cfg = Config(**values)
-    except TypeError as err:
-        raise TrainError(f"config: {err}") from None
-    check_config(cfg)
-    return cfg, resume
-
-
-def read_config_file(path: str) -> dict:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        if path.endswith(".toml"):
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                raise TrainError(f"{path}: TOML config files need Python 3.11+; use JSON") from None
-            values = tomllib.loads(raw.decode())
-        else:
-            values = json.loads(raw)
-    except (OSError, ValueError) as err:
-        raise TrainError(f"{path}: cannot read the config file ({err})") from None
-    if not isinstance(values, dict):
-        raise TrainError(f"{path}: a table of options expected, got {type(values).__name__}")
-    names = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise TrainError(f"{path}: unknown options {unknown}; known: {sorted(names)}")
-    return values
-
-
-def check_config(cfg: Config) -> None:
-    def need(ok, what):
-        if not ok:
-            raise TrainError(what)
-
-    need(cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}")
-    need(cfg.batch_size >= 2, f"--batch-size must be >= 2 (a contrastive batch), got {cfg.batch_size}")
-    need(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a finite number > 0, got {cfg.lr}")
-    need(cfg.optimizer in ("adamw", "sgd"), f"--optimizer must be adamw or sgd, got {cfg.optimizer!r}")
-    need(cfg.schedule in ("cosine", "step"), f"--schedule must be cosine or step, got {cfg.schedule!r}")
-    need(cfg.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {cfg.device!r}")
-    need(cfg.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is available")
-    need(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
-    need(cfg.width >= 2 and cfg.width % 4 == 0, f"--width must be a multiple of 4 (4 heads), got {cfg.width}")
-    need(cfg.layers >= 1 and cfg.patience >= 1, "--layers and --patience must be >= 1")
-    bad = set(baselines(cfg)) - {"random_init", "supervised"}
-    need(not bad, f"--baselines: random_init and/or supervised expected, got {sorted(bad)}")
-
-
-def baselines(cfg: Config) -> list[str]:
-    return [b.strip() for b in cfg.baselines.split(",") if b.strip()]
-
-
-def device_of(cfg: Config) -> torch.device:
-    """cpu or cuda; under torchrun (process group started) a rank's own GPU, cuda:LOCAL_RANK."""
-    if not (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())):
-        return torch.device("cpu")
-    world = current_world()
-    return torch.device("cuda", world.local_rank) if world.size > 1 else torch.device("cuda")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Distributed (torchrun)
-
-@dataclass(frozen=True)
-class World:
-    """This process's place among the ranks of a torchrun job (rank 0 of 1 for a plain process)."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def torchrun_world() -> World | None:
-    """The ranks torchrun describes in the environment, or None for a plain process (or WORLD_SIZE=1)."""
-    env = os.environ
-
-    def integer(name, default=None):
-        try:
-            return int(env.get(name, default))
-        except (TypeError, ValueError):
-            raise TrainError(f"torchrun environment: {name}={env.get(name)!r} is not an integer") from None
-
-    size = integer("WORLD_SIZE", "1")
-    if size <= 1:
-        return None
-    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in env]
-    if missing:
-        raise TrainError(f"WORLD_SIZE={size} is set but {', '.join(missing)} not: start the ranks with torchrun "
-                         f"(or unset WORLD_SIZE)")
-    world = World(integer("RANK"), size, integer("LOCAL_RANK"))
-    if not (0 <= world.rank < size and world.local_rank >= 0):
-        raise TrainError(f"torchrun environment: RANK={world.rank} is not in [0, WORLD_SIZE={size})")
-    return world
-
-
-def current_world() -> World:
-    """The ranks of the started default process group (rank 0 of 1 when there is none)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    return World()
-
-
-@contextlib.contextmanager
-def process_group(cfg: Config, world: World | None):
-    """Start the default process group for a torchrun rank (NCCL on CUDA, gloo on CPU) and destroy it on
-    the way out, also when the body raises; yields the World (a plain World() without torchrun)."""
-    if world is None:
-        yield World()
-        return
-    options = {}
-    if device_of(cfg).type == "cuda":
-        if world.local_rank >= torch.cuda.device_count():
-            raise TrainError(f"LOCAL_RANK={world.local_rank} but this node has {torch.cuda.device_count()} "
-                             f"CUDA device(s): start at most that many processes per node (--nproc-per-node)")
-        torch.cuda.set_device(world.local_rank)
-        options = {"backend": "nccl", "device_id": torch.device("cuda", world.local_rank)}
-    # The env:// store, with this attempt's keys under their own prefix: after a restart by torchrun
-    # (--max-restarts) the agent's store still holds the previous attempt's keys, and without the prefix the
-    # new ranks read the addresses of the processes they replace and never connect (seen with gloo, torch 2.13).
-    store, _, _ = next(dist.rendezvous("env://", world.rank, world.size))
-    store = dist.PrefixStore(f"fastpair/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group(options.pop("backend", "gloo"), store=store, rank=world.rank, world_size=world.size,
-                            **options)
-    try:
-        yield current_world()
-    finally:
-        # reference cycles (a caught exception's traceback, say) may still hold the group: collect them while
-        # it exists; a gloo group whose last reference dies at interpreter exit can abort the process
-        gc.collect()
-        dist.destroy_process_group()
-
-
-@contextlib.contextmanager
-def agreed(world: World):
-    """A block every rank runs (a part of it maybe on rank 0 only): if it raises a TrainError, DataError or
-    OSError on any rank, every rank raises the same TrainError (the message of the first failing rank),
-    so none is left waiting in a collective for a rank that left. A single process is unaffected."""
-    if world.size == 1:
-        yield
-        return
-    from .data import DataError
-
-    error = None
-    try:
-        yield
-    except (TrainError, DataError, OSError) as err:
-        error = str(err)
-    errors = [None] * world.size
-    dist.all_gather_object(errors, error)
-    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
-    if failed:
-        rank, message = failed[0]
-        raise TrainError(message if all(e == message for e in errors) else f"rank {rank}: {message}")
-
-
-def from_rank0(value, world: World):
-    """Rank 0's value (a picklable object) on every rank."""
-    if world.size == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _quiet(*args, **kwargs) -> None:
-    """``log`` of the ranks other than 0."""
-
-
-def rng_state(device: torch.device) -> dict:
-    """This process's RNG state: the CPU generator and, on CUDA, the generator of this rank's GPU."""
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -474,7 +214,7 @@ def fit(cfg: Config, data, kind: str, out_dir: str, resume: bool, log=print) -> 
     world = current_world()
     main = world.main
     if not main:
-        log = _quiet
+        log = quiet
     with agreed(world):
         if main:
             os.makedirs(out_dir, exist_ok=True)
@@ -715,24 +455,6 @@ def _run(prog: str, body, argv) -> int:
     return 0
 
 
-def check_same_run(cfg: Config, resume: bool, data, world: World) -> None:
-    """Under torchrun every rank must run with the same options (--out may differ) and have loaded the same
-    data (sizes compared): else the ranks would take different numbers of steps and wait for each other."""
-    if world.size == 1:
-        return
-    mine = {"options": {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"}, "resume": resume},
-            "data": {"name": data.name, "task": data.task, "dims": dict(data.dims),
-                     "samples": {s: len(sp.y) for s, sp in data.splits.items()}}}
-    everyone = [None] * world.size
-    dist.all_gather_object(everyone, mine)
-    for rank, theirs in enumerate(everyone):
-        for what in ("options", "data"):
-            if theirs[what] != everyone[0][what]:
-                diff = {k: (everyone[0][what][k], v) for k, v in theirs[what].items() if v != everyone[0][what][k]}
-                raise TrainError(f"rank {rank} runs with other {what} than rank 0 (rank 0's, rank {rank}'s: {diff}): "
-                                 f"start every rank with the same arguments and --data")
-
-
 def train_and_probe(argv) -> None:
     from . import data as data_mod
 
@@ -741,7 +463,7 @@ def train_and_probe(argv) -> None:
     if cfg.tensorboard:
         summary_writer()
     with process_group(cfg, launch) as world:
-        say = print if world.main else _quiet
+        say = print if world.main else quiet
 
         with agreed(world):
             if world.main:
@@ -773,7 +495,7 @@ def train_and_probe(argv) -> None:
 def probe_run(argv) -> None:
     from . import data as data_mod
 
-    p = _parser("fastpair-probe", "Re-run the fusion probe on a trained run directory.")
+    p = parser("fastpair-probe", "Re-run the fusion probe on a trained run directory.")
     p.add_argument("--run", required=True, help="the --out folder of a fastpair-train run")
     p.add_argument("--data", help="the feature file (default: the run's own --data)")
     args = p.parse_args(argv)
