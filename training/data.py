@@ -46,10 +46,8 @@ docstring has the generative process.
 from __future__ import annotations
 
 import codecs
-import os
 import pickle
 import sys
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,23 +114,6 @@ def to_tensors(split: Split) -> dict[str, torch.Tensor]:
         out[m + "_mask"] = torch.from_numpy(split.mask[m])
     out["y"] = torch.from_numpy(split.y)
     return out
-
-
-def atomic_write(path: str, write) -> None:
-    """Call ``write(f)`` on a binary temporary file next to ``path``, fsync, then rename it over ``path``:
-    a reader (or a run killed at any moment) sees the old file or the new one, never a part."""
-    path = os.path.abspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------- reading files

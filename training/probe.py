@@ -38,7 +38,8 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, p
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
-from .data import MODALITIES, SPLITS, atomic_write
+from .checkpoint import atomic_write
+from .data import MODALITIES, SPLITS
 
 SUBSETS: list[tuple[str, ...]] = [c for k in (1, 2, 3) for c in combinations(MODALITIES, k)]  # T A V TA TV AV TAV
 TASKS = ("multiclass", "regression")

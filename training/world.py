@@ -47,11 +47,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from .config import Config, TrainError
 from .data import DataError
@@ -190,7 +192,67 @@ def check_same_run(cfg: Config, resume: bool, data, world: World) -> None:
                                  f"start every rank with the same arguments and --data")
 
 
+def distribute(model: nn.Module, device: torch.device, world: World, unused_parameters: bool):
+    """(what the training step calls, the process group for pairwise_nce's negatives): the model itself and
+    None in a single process, else the model in DistributedDataParallel and the default group."""
+    if world.size == 1:
+        return model, None
+    from torch.nn.parallel import DistributedDataParallel
+
+    # the buffers (positional table, a fixed temperature) never change: no sync per step
+    params = inspect.signature(DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers": False}
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  find_unused_parameters=unused_parameters, **no_sync)
+    return net, dist.group.WORLD
+
+
+def global_mean(total: float, count: int, device: torch.device, world: World) -> tuple[float, int]:
+    """(the mean over ranks of ``total``, the sum of ``count``): an epoch's mean loss and samples seen."""
+    if world.size == 1:
+        return total, count
+    totals = torch.tensor([total, count], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return totals[0].item() / world.size, int(totals[1].item())
+
+
+# ---------------------------------------------------------------------------------------------- RNG streams
+
+def seed_rank(seed: int, world: World, epoch: int = 0) -> None:
+    """A fresh dropout stream for a rank other than 0 (rank 0 keeps a single process's)."""
+    torch.manual_seed(seed + 1_000_003 * world.rank + epoch)
+
+
 def rng_state(device: torch.device) -> dict:
     """This process's RNG state: the CPU generator and, on CUDA, the generator of this rank's GPU."""
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def rng_states(device: torch.device, world: World) -> dict:
+    """A checkpoint's "rng" (every rank calls it): a single process's CPU and GPU generators; under torchrun
+    rank 0's in that format (its own GPU only) and every rank's under "ranks"."""
+    if world.size == 1:
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    ranks = [None] * world.size
+    dist.all_gather_object(ranks, rng_state(device))
+    return {"torch": ranks[0]["torch"], "cuda": None if ranks[0]["cuda"] is None else [ranks[0]["cuda"]],
+            "ranks": ranks}
+
+
+def restore_rng(rng: dict, seed: int, epoch: int, device: torch.device, world: World) -> None:
+    """Set this rank's generators from a checkpoint's "rng" (of any world size); a rank the saved run did
+    not have gets a fresh stream."""
+    if world.size == 1:
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        return
+    ranks = rng.get("ranks") or [{"torch": rng["torch"], "cuda": None}]  # a single process's: rank 0's
+    if world.rank >= len(ranks):
+        seed_rank(seed, world, epoch)
+        return
+    torch.set_rng_state(ranks[world.rank]["torch"])
+    if device.type == "cuda" and ranks[world.rank]["cuda"] is not None:
+        torch.cuda.set_rng_state(ranks[world.rank]["cuda"], device)
