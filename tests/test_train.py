@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("sklearn")
 from conftest import write_small_npz  # noqa: E402
-from fastpair.training import checkpoint, config, experiment, train  # noqa: E402
+from fastpair.training import checkpoint, config, experiment, objectives, train  # noqa: E402
 from fastpair.training.models import MultimodalEncoder, masked_mean, present  # noqa: E402
 
 TINY = ["--device", "cpu", "--width", "16", "--layers", "1", "--batch-size", "32", "--seed", "3"]
@@ -249,3 +249,26 @@ def test_encoders_handle_missing_modalities():
     torch.testing.assert_close(masked_mean(h, torch.tensor([[True, False, True, False]])),
                                torch.tensor([[3.0, 4.0, 5.0]]))
 
+
+def test_objectives_share_the_initial_encoders_and_one_interface(small_npz):
+    """random_init is pairwise_nce's encoders as built; supervised starts from the same weights; the loop
+    calls every objective the same way, and only a label-free one trains on valid and test (--transductive)."""
+    from fastpair.training.data import load, to_tensors
+    from fastpair.training.world import World
+
+    cfg, _ = config.parse_config(["--data", small_npz, "--transductive", *TINY])
+    data = load(small_npz)
+    models = {name: objectives.build(cfg, data, name).eval() for name in ("pairwise_nce", "supervised")}
+    first, second = (m.encoder.state_dict() for m in models.values())
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    batch = to_tensors(data.splits["valid"])
+    summaries = {}
+    for name, model in models.items():
+        loss, stats = model.validation(batch)
+        assert loss.ndim == 0 and torch.isfinite(loss), name
+        torch.testing.assert_close(model(batch), loss)  # eval mode: the training loss of the same batch
+        summaries[name] = model.summary(stats)
+    assert set(summaries["pairwise_nce"]) == {"valid_pair_loss", "valid_pair_accuracy", "temperature"}
+    assert summaries["supervised"] == {}
+    assert train.Batches(cfg, data, models["pairwise_nce"], World()).splits == ["train", "valid", "test"]
+    assert train.Batches(cfg, data, models["supervised"], World()).splits == ["train"]
