@@ -1,8 +1,8 @@
 """The built-in synthetic data set (``fastpair.training.data.load("synthetic", seed)``): a multimodal emotion
 task where fusion wins and what the modalities share is what a pairwise contrastive objective can find.
 
-K = 4 classes (named like IEMOCAP's), T = 20 steps, text (T, 300),
-audio (T, 74), vision (T, 35); 4000 / 400 / 800 samples, generated from the seed in about a second. One sample:
+K = 4 classes (named like IEMOCAP's), T = 20 steps, text (T, 300), audio (T, 74), vision (T, 35); 4000 / 400 /
+800 samples, generated from the seed in about a second. One sample:
 
 1. Emotion. A class c (uniform) and a shared latent u = mu_c + eps in R^8, eps ~ N(0, I): the class mean
    (orthogonal means of norm 2.5) plus a within-class jitter that every modality sees. A linear classifier
@@ -25,8 +25,7 @@ directions, so a linear probe on pooled raw features (or on a randomly initializ
 a random projection of them) does poorly. What the modalities share is the time-varying part, h_m through
 e_t; a pairwise contrastive objective rewards exactly what is shared, and a trained temporal encoder can pull
 it out of the sequence. The per-sample offset o_m is kept small on purpose: large unique private offsets let
-a contrastive model memorize the training pairs within a few epochs (with o_m ~ N(0, 0.5^2) the validation
-loss of the training kit rose from epoch 3 on).
+a contrastive model memorize the training pairs within a few epochs.
 """
 
 from __future__ import annotations
@@ -40,9 +39,8 @@ SYNTHETIC_DIMS = {"text": 300, "audio": 74, "vision": 35}
 CONFUSED = {"text": (0, 1), "audio": (2, 3), "vision": (1, 3)}
 # Scales of the generative process (see the module docstring): class-mean norm (the jitter has std 1), signal
 # amplitude, the fraction of the envelope's time average removed, private style, private offset, step noise.
-# style 1.6 and 4000 train samples: measured with fastpair-train's loop (2026-11-24, data seed 0), the TAV probe
-# of random encoders drops from 0.66 (style 1.0) to 0.50 while pairwise training still starts (0.72); at style
-# 1.0 the gap was 12.6 points, under the 15 the training kit promises. With 2000 samples style 1.5 did not train.
+# style 1.6 with 4000 train samples: strong enough that untrained encoders probe poorly, weak enough that pairwise
+# training still starts (README's training section has the probe numbers of a weaker style).
 SYNTHETIC = dict(radius=2.5, amplitude=3.0, centre=0.7, style=1.6, offset=0.2, noise=0.3)
 
 

@@ -32,14 +32,14 @@ and every function here is then a no-op or the identity.
   filesystem (a rank that cannot see rank 0's checkpoint stops every rank with an error saying so). The
   checkpoint holds every rank's RNG state. With the same world size a resumed run continues with the
   same weights, optimizer, schedule, early-stopping state, data order and per-rank dropout RNG as the
-  interrupted one; measured on CPU with 2 gloo ranks, a job whose rank 1 was killed (SIGKILL) in epoch 3
-  and resumed ended with bitwise the weights of an uninterrupted one, which is not promised on GPUs
-  (NCCL reductions and CUDA kernels need not be bitwise reproducible). Since --resume without a
-  checkpoint starts afresh, ``torchrun --max-restarts N ... --resume`` restarts a failed job from its
-  last finished epoch. A different world size (or a single-process run resumed under torchrun, and
-  back) works too: the schedule continues from the finished epochs (step = epoch x the new steps per
-  epoch), ranks the saved run did not have start fresh RNG streams, and the global batch becomes the
-  new W x B (the resume line says so). The other options must be those of the run, --batch-size too.
+  interrupted one; on CPU that ends with bitwise the weights of an uninterrupted run (README: checked by
+  hand, not by a test), which GPUs do not promise (NCCL reductions and CUDA kernels need not be bitwise
+  reproducible). Since --resume without a checkpoint starts afresh, ``torchrun --max-restarts N ...
+  --resume`` restarts a failed job from its last finished epoch. A different world size (or a
+  single-process run resumed under torchrun, and back) works too: the schedule continues from the
+  finished epochs (step = epoch x the new steps per epoch), ranks the saved run did not have start fresh
+  RNG streams, and the global batch becomes the new W x B (the resume line says so). The other options
+  must be those of the run, --batch-size too.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def process_group(cfg: Config, world: World | None):
         options = {"backend": "nccl", "device_id": torch.device("cuda", world.local_rank)}
     # The env:// store, with this attempt's keys under their own prefix: after a restart by torchrun
     # (--max-restarts) the agent's store still holds the previous attempt's keys, and without the prefix the
-    # new ranks read the addresses of the processes they replace and never connect (seen with gloo, torch 2.13).
+    # new ranks would read the addresses of the processes they replace and never connect.
     store, _, _ = next(dist.rendezvous("env://", world.rank, world.size))
     store = dist.PrefixStore(f"fastpair/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group(options.pop("backend", "gloo"), store=store, rank=world.rank, world_size=world.size,
