@@ -11,6 +11,7 @@ import pytest
 import torch
 from fastpair.training import data
 from fastpair.training.data import MODALITIES, SPLITS, DataError
+from fastpair.training.synthetic import make_synthetic
 
 MULT_DIMS = {"text": 300, "audio": 74, "vision": 35}
 SIZES = {"train": 12, "valid": 5, "test": 7}
@@ -374,8 +375,8 @@ def test_synthetic_shapes(synthetic):
 
 def test_synthetic_deterministic(synthetic):
     again = data.load("synthetic", seed=0)
-    other = data.make_synthetic(seed=1, n_train=50, n_valid=10, n_test=10)
-    first = data.make_synthetic(seed=0, n_train=50, n_valid=10, n_test=10)
+    other = make_synthetic(seed=1, n_train=50, n_valid=10, n_test=10)
+    first = make_synthetic(seed=0, n_train=50, n_valid=10, n_test=10)
     for m in MODALITIES:
         np.testing.assert_array_equal(again.splits["test"].x[m], synthetic.splits["test"].x[m])
         assert not np.allclose(first["train"][m], other["train"][m])
@@ -386,7 +387,7 @@ def test_synthetic_linear_structure():
     """The shared latent is linearly decodable, mean-pooled raw features are not, and fusion beats each modality
     (the properties the probe's story rests on; the default train size, fewer valid and test samples)."""
     sklearn = pytest.importorskip("sklearn.linear_model")
-    raw = data.make_synthetic(seed=3, n_train=4000, n_valid=10, n_test=1000)
+    raw = make_synthetic(seed=3, n_train=4000, n_valid=10, n_test=1000)
 
     def acc(feats):
         clf = sklearn.LogisticRegression(C=0.1, max_iter=500)

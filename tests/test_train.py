@@ -14,7 +14,7 @@ import pytest
 import torch
 
 pytest.importorskip("sklearn")
-from fastpair.training import train  # noqa: E402
+from fastpair.training import checkpoint, config, experiment, objectives, train  # noqa: E402
 from fastpair.training.models import MultimodalEncoder, masked_mean, present  # noqa: E402
 from helpers import write_small_npz  # noqa: E402
 
@@ -28,7 +28,7 @@ def small_npz(tmp_path_factory):
 
 
 def run_main(*argv):
-    return train.main([str(a) for a in argv])
+    return experiment.main([str(a) for a in argv])
 
 
 def read_jsonl(path):
@@ -66,7 +66,7 @@ def test_train_and_probe_smoke(small_npz, tmp_path, capsys):
 
     # fastpair-probe on the finished run gives the same table (same frozen features, same fits)
     os.unlink(out / "results.json")
-    assert train.probe_main(["--run", str(out)]) == 0
+    assert experiment.probe_main(["--run", str(out)]) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["rows"] == rows
 
@@ -137,7 +137,7 @@ def test_resume_after_kill_is_bitwise_exact(small_npz, tmp_path):
 
 def test_atomic_save_keeps_the_old_file(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
-    train.atomic_save({"model": {"w": torch.ones(3)}}, path)
+    checkpoint.atomic_save({"model": {"w": torch.ones(3)}}, path)
 
     def broken_save(obj, f):
         f.write(b"partial")
@@ -145,7 +145,7 @@ def test_atomic_save_keeps_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(KeyboardInterrupt):
-        train.atomic_save({"model": {"w": torch.zeros(3)}}, path)
+        checkpoint.atomic_save({"model": {"w": torch.zeros(3)}}, path)
     assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["checkpoint.pt"]  # no temporary file left behind
 
@@ -185,15 +185,15 @@ def test_bad_arguments_give_one_line(argv, words, tmp_path, capsys):
 def test_config_file_and_overrides(tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"lr": 0.01, "epochs": 7, "width": 32}))
-    cfg, resume = train.parse_config(["--config", str(path), "--epochs", "3"])
+    cfg, resume = config.parse_config(["--config", str(path), "--epochs", "3"])
     assert (cfg.lr, cfg.epochs, cfg.width, resume) == (0.01, 3, 32, False)
     toml = tmp_path / "cfg.toml"
     toml.write_text('optimizer = "sgd"\ntransductive = true\n')
-    cfg, _ = train.parse_config(["--config", str(toml), "--resume"])
+    cfg, _ = config.parse_config(["--config", str(toml), "--resume"])
     assert cfg.optimizer == "sgd" and cfg.transductive
     path.write_text(json.dumps({"learning_rate": 0.01}))
-    with pytest.raises(train.TrainError, match="unknown options"):
-        train.parse_config(["--config", str(path)])
+    with pytest.raises(config.TrainError, match="unknown options"):
+        config.parse_config(["--config", str(path)])
 
 
 def test_missing_train_extra_is_named(monkeypatch, capsys, tmp_path):
@@ -207,23 +207,23 @@ def test_missing_train_extra_is_named(monkeypatch, capsys, tmp_path):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_sklearn)
-    assert train.main(["--out", str(tmp_path)]) == 2
+    assert experiment.main(["--out", str(tmp_path)]) == 2
     assert "pip install 'fastpair[train]'" in capsys.readouterr().err
 
 
 def test_missing_tensorboard_is_named(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import now raises ImportError
-    assert train.main(["--out", str(tmp_path), "--tensorboard", *TINY]) == 2
+    assert experiment.main(["--out", str(tmp_path), "--tensorboard", *TINY]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "fastpair-train: error: --tensorboard needs the tensorboard package: pip install tensorboard"
 
 
 def test_learning_rate_schedules():
-    cfg = train.Config(epochs=10, lr=1.0)
+    cfg = config.Config(epochs=10, lr=1.0)
     lrs = [train.learning_rate(cfg, s, 10) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # one-epoch linear warmup
     assert lrs[-1] == pytest.approx(0.1, abs=0.02) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    step = train.Config(epochs=10, lr=1.0, schedule="step")
+    step = config.Config(epochs=10, lr=1.0, schedule="step")
     assert train.learning_rate(step, 49, 10) == 1.0 and train.learning_rate(step, 50, 10) == pytest.approx(0.9)
 
 
@@ -248,3 +248,27 @@ def test_encoders_handle_missing_modalities():
     h = torch.arange(12.0).reshape(1, 4, 3)
     torch.testing.assert_close(masked_mean(h, torch.tensor([[True, False, True, False]])),
                                torch.tensor([[3.0, 4.0, 5.0]]))
+
+
+def test_objectives_share_the_initial_encoders_and_one_interface(small_npz):
+    """random_init is pairwise_nce's encoders as built; supervised starts from the same weights; the loop
+    calls every objective the same way, and only a label-free one trains on valid and test (--transductive)."""
+    from fastpair.training.data import load, to_tensors
+    from fastpair.training.world import World
+
+    cfg, _ = config.parse_config(["--data", small_npz, "--transductive", *TINY])
+    data = load(small_npz)
+    models = {name: objectives.build(cfg, data, name).eval() for name in ("pairwise_nce", "supervised")}
+    first, second = (m.encoder.state_dict() for m in models.values())
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    batch = to_tensors(data.splits["valid"])
+    summaries = {}
+    for name, model in models.items():
+        loss, stats = model.validation(batch)
+        assert loss.ndim == 0 and torch.isfinite(loss), name
+        torch.testing.assert_close(model(batch), loss)  # eval mode: the training loss of the same batch
+        summaries[name] = model.summary(stats)
+    assert set(summaries["pairwise_nce"]) == {"valid_pair_loss", "valid_pair_accuracy", "temperature"}
+    assert summaries["supervised"] == {}
+    assert train.Batches(cfg, data, models["pairwise_nce"], World()).splits == ["train", "valid", "test"]
+    assert train.Batches(cfg, data, models["supervised"], World()).splits == ["train"]

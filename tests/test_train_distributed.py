@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 pytest.importorskip("sklearn")
-from fastpair.training import train  # noqa: E402
+from fastpair.training import config, experiment, objectives  # noqa: E402
 from helpers import write_small_npz  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -97,21 +97,21 @@ def test_rank0_alone_writes_plain_checkpoints(dist_run, tiny_npz):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]["ranks"]) == 2
     assert not any(k.startswith("module.") for k in ckpt["model"])
-    cfg, _ = train.parse_config(["--data", tiny_npz, *TINY])
+    cfg, _ = config.parse_config(["--data", tiny_npz, *TINY])
     from fastpair.training.data import load
 
-    assert ckpt["model"].keys() == train.build(cfg, load(tiny_npz), "pairwise_nce").state_dict().keys()
+    assert ckpt["model"].keys() == objectives.build(cfg, load(tiny_npz), "pairwise_nce").state_dict().keys()
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert {r["encoder"] for r in rows} == {"pairwise_nce", "random_init", "supervised"} and len(rows) == 21
     assert not list(out.rglob("*.tmp*"))  # atomic writes left nothing behind
-    assert train.probe_main(["--run", str(out)]) == 0  # fastpair-probe reads a torchrun run
+    assert experiment.probe_main(["--run", str(out)]) == 0  # fastpair-probe reads a torchrun run
 
 
 def test_global_batch_equals_single_process(dist_run, tiny_npz, tmp_path):
     """2 ranks x 16 take the steps a single process takes with 32 (same samples, gradients up to rounding)."""
     out, _ = dist_run
     single = tmp_path / "single"
-    assert train.main(["--data", tiny_npz, "--out", str(single), "--epochs", "1", "--batch-size", "32",
+    assert experiment.main(["--data", tiny_npz, "--out", str(single), "--epochs", "1", "--batch-size", "32",
                        "--baselines", "supervised", *TINY]) == 0
     for name in ("checkpoint.pt", "supervised/checkpoint.pt"):
         a = torch.load(single / name, weights_only=True)["model"]
@@ -131,7 +131,7 @@ def test_resume_under_torchrun_then_single_process(dist_run, tiny_npz, tmp_path)
         assert [r.get("epoch") for r in read_jsonl(run / "log.jsonl")] == [None, 1, 2]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["state"]["epoch"] == 2
     # the checkpoint of 2 ranks continues in a single process (another world size: the global batch changes)
-    assert train.main(["--data", tiny_npz, "--out", str(out), "--epochs", "3", "--batch-size", "16", "--resume",
+    assert experiment.main(["--data", tiny_npz, "--out", str(out), "--epochs", "3", "--batch-size", "16", "--resume",
                        *TINY]) == 0
     for run in (out, out / "supervised"):
         assert [r.get("epoch") for r in read_jsonl(run / "log.jsonl")] == [None, 1, 2, 3]

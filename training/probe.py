@@ -38,17 +38,16 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, p
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
-from .data import atomic_write
+from .checkpoint import atomic_write
+from .data import MODALITIES, SPLITS
 
-MODALITIES = ("text", "audio", "vision")
 SUBSETS: list[tuple[str, ...]] = [c for k in (1, 2, 3) for c in combinations(MODALITIES, k)]  # T A V TA TV AV TAV
-SPLITS = ("train", "valid", "test")
 TASKS = ("multiclass", "regression")
 C_GRID = (0.01, 0.1, 1.0, 10.0)  # LogisticRegression inverse L2 strength, strongest first
 ALPHA_GRID = (1e4, 1e3, 1e2, 1e1, 1.0, 0.1)  # Ridge L2 strength, strongest first
 MAX_ITER = 300  # lbfgs iterations per fit; warm starts along C_GRID keep the weak-regularization fits short
-# BLAS threads during the fits: (2000 x 1536) problems are too small for threading to pay, and on a busy 2-core
-# machine OpenBLAS' spinning threads made 3 encoders x 7 subsets 10-20x slower (62-103 s against 3-9 s, measured).
+# BLAS threads during the fits: (2000 x 1536) problems are too small for threading to pay, and on a busy machine
+# OpenBLAS' spinning threads make the fits many times slower.
 BLAS_THREADS = 1
 HEADLINE = {"multiclass": "accuracy", "regression": "acc2"}  # the metric plotted in results.png
 _TABLE = {  # format_table columns: (header, metric key, scale, format)

@@ -1,0 +1,106 @@
+"""A training run's checkpoints: atomic writes, loading, and ``--resume``.
+
+DIR/checkpoint.pt, written every epoch, holds the full state: {"model": the objective's state_dict (never a
+DistributedDataParallel "module." prefix), "optimizer", "scheduler": {"kind", "step", "steps_per_epoch"},
+"config", "state": {"epoch", "step", "best", "bad_epochs", "stopped"}, "rng": {"torch", "cuda"} (plus
+"ranks", every rank's, under torchrun), "world_size"}. DIR/best.pt holds {"model", "epoch", "config",
+"valid_loss"} of the epoch with the lowest validation loss. Both are plain dicts of tensors and numbers
+(``torch.load(..., weights_only=True)`` reads them), written to a temporary file and renamed, so a run killed
+at any moment leaves the previous epoch's checkpoint intact.
+
+``--resume`` continues from DIR/checkpoint.pt and, on CPU, ends with bitwise the weights of a run never
+interrupted: the data order of an epoch comes from (seed, epoch) and the dropout RNG is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from .config import Config, TrainError
+from .world import World, agreed, restore_rng
+
+# options a resumed run may change: the total, where it runs, the logging, and where its folder is
+RESUMABLE_CHANGES = ("epochs", "device", "tensorboard", "out")
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs besides the tensors: finished epochs, optimizer steps, early stopping."""
+
+    epoch: int = 0
+    step: int = 0
+    best: float = math.inf  # the lowest validation loss so far
+    bad_epochs: int = 0  # epochs since it was reached
+    stopped: bool = False
+
+
+def atomic_write(path: str, write) -> None:
+    """Call ``write(f)`` on a binary temporary file next to ``path``, fsync, then rename it over ``path``:
+    a reader (or a run killed at any moment) sees the old file or the new one, never a part."""
+    path = os.path.abspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save through a temporary file in the same directory, renamed over ``path``."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_checkpoint(path: str) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a damaged file of any kind: one clear line
+        raise TrainError(f"{path}: not a readable fastpair checkpoint ({type(err).__name__}: {err})") from None
+
+
+def save_best(path: str, model, cfg: Config, state: TrainState, valid_loss: float) -> None:
+    atomic_save({"model": model.state_dict(), "epoch": state.epoch, "config": dataclasses.asdict(cfg),
+                 "valid_loss": valid_loss}, path)
+
+
+def save_checkpoint(path: str, model, optimizer, cfg: Config, state: TrainState, steps_per_epoch: int, rng: dict,
+                    world: World) -> None:
+    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": {"kind": cfg.schedule, "step": state.step, "steps_per_epoch": steps_per_epoch},
+                 "config": dataclasses.asdict(cfg), "state": dataclasses.asdict(state), "rng": rng,
+                 "world_size": world.size}, path)
+
+
+def restore(path: str, cfg: Config, model, optimizer, steps_per_epoch: int, device: torch.device,
+            world: World) -> tuple[TrainState, int]:
+    """Load DIR/checkpoint.pt into the model, the optimizer and this rank's RNG (every rank calls it, every
+    rank reads the file); returns the training state and the world size that saved it. A checkpoint of
+    other options, or one this rank does not see, stops every rank."""
+    with agreed(world):
+        if not os.path.exists(path):
+            raise TrainError(f"{path}: rank 0 resumes from it but this rank does not see it (on several "
+                             f"nodes --out must be on a shared filesystem)")
+        ckpt = load_checkpoint(path)
+        saved = {k: v for k, v in ckpt["config"].items() if k not in RESUMABLE_CHANGES}
+        now = {k: v for k, v in dataclasses.asdict(cfg).items() if k in saved}
+        if saved != now:
+            diff = {k: (saved[k], now[k]) for k in saved if saved[k] != now.get(k)}
+            raise TrainError(f"{path}: --resume needs the arguments of the run; differing (saved, now): {diff}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    state = TrainState(**ckpt["state"])
+    if ckpt["scheduler"]["steps_per_epoch"] != steps_per_epoch:  # another world size: the same epoch
+        state.step = state.epoch * steps_per_epoch
+    restore_rng(ckpt["rng"], cfg.seed, state.epoch, device, world)
+    return state, int(ckpt.get("world_size", 1))

@@ -1,0 +1,109 @@
+"""The training objectives of fastpair-train, behind one interface (the training loop never asks which).
+
+Both hold the same encoders (``fastpair.training.models.MultimodalEncoder``: per modality m an encoder E_m to
+a 512-d feature f_m and a projection head H_m) and add what their loss needs; ``model`` in a checkpoint is an
+objective's state_dict.
+
+- ``pairwise_nce`` (the paper's, no labels): z_m = H_m(dropout(f_m)) and, for each modality pair (p, q) over
+  the samples that have both, with x, y the L2-normalized z_p, z_q and S_ij = <x_i, y_j> / t,
+
+      L_pq = 1/(2n) sum_i [(logsumexp_j S_ij - S_ii) + (logsumexp_j S_ji - S_ii)],   L = mean_pq L_pq,
+
+  with one learnable temperature t (``fastpair.PairwiseNCE``). Under torchrun the j run over the global batch.
+- ``supervised`` (a baseline): a linear head on the concatenation [f_text, f_audio, f_vision], trained with
+  the labels: cross-entropy over the classes, or the L1 error of sentiment scores (MulT's regression loss).
+  The projection heads are unused.
+- ``random_init`` (the other baseline) is no objective: the pairwise_nce model as ``build`` makes it, untrained.
+
+``build`` seeds torch right before construction, so every objective starts from the same encoder weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastpair import PairwiseNCE, modality_pairs
+
+from .config import Config
+from .data import MODALITIES
+from .models import MultimodalEncoder, present
+
+Stats = dict[str, torch.Tensor]
+
+
+class Objective(nn.Module):
+    """The encoders plus one loss. ``forward(batch, group)`` is the training loss of a batch;
+    ``validation(batch)`` the loss and per-batch statistics (means over the batch) that ``summary`` turns
+    into log fields once averaged over the split."""
+
+    name: str
+    uses_labels: bool  # label-free objectives may also train on valid and test (--transductive)
+    unused_parameters: bool  # parameters that get no gradient (DistributedDataParallel must be told)
+
+    def __init__(self, cfg: Config, data):
+        super().__init__()
+        self.encoder = MultimodalEncoder(data.dims, width=cfg.width, layers=cfg.layers, dropout=cfg.dropout)
+
+    def validation(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
+        return self(batch), {}
+
+    def summary(self, stats: Stats) -> dict:
+        """The log line's fields beyond the losses, from the split's mean statistics."""
+        return {}
+
+
+class PairwiseNCEObjective(Objective):
+    name = "pairwise_nce"
+    uses_labels = False
+    unused_parameters = False
+
+    def __init__(self, cfg: Config, data):
+        super().__init__(cfg, data)
+        self.loss = PairwiseNCE(len(MODALITIES), temperature=cfg.temperature)
+
+    def forward(self, batch, group=None, stats: bool = False):
+        """With ``group`` (W ranks, each passing its local batch) the negatives come from every rank's batch
+        and the loss is W times this rank's share of the global loss: DistributedDataParallel's averaging
+        then gives the gradients of the concatenated batch."""
+        z = self.encoder(batch)
+        return self.loss(*(z[m].float() for m in MODALITIES), mask=present(batch), group=group, return_stats=stats)
+
+    def validation(self, batch):
+        loss, stats = self(batch, stats=True)
+        return loss, {"pair_loss": stats["pair_losses"], "pair_accuracy": stats["pair_accuracy"]}
+
+    def summary(self, stats):
+        names = [f"{MODALITIES[p]}-{MODALITIES[q]}" for p, q in modality_pairs(len(MODALITIES))]
+        return {"valid_pair_loss": {k: float(v) for k, v in zip(names, stats["pair_loss"])},
+                # retrieval top-1 accuracy, both directions averaged
+                "valid_pair_accuracy": {k: float(v.mean()) for k, v in zip(names, stats["pair_accuracy"])},
+                "temperature": float(self.loss.temperature.detach().float().mean())}
+
+
+class SupervisedObjective(Objective):
+    name = "supervised"
+    uses_labels = True
+    unused_parameters = True  # the projection heads: their gradients stay None, as in a single process
+
+    def __init__(self, cfg: Config, data):
+        super().__init__(cfg, data)
+        self.task = data.task
+        self.head = nn.Linear(len(MODALITIES) * 512, len(data.classes) if data.task == "multiclass" else 1)
+
+    def forward(self, batch, group=None):
+        """The local batch's loss: its mean over the ranks' equal batches is the global batch's."""
+        fused = torch.cat([f.float() for f in self.encoder.features(batch).values()], dim=1)
+        pred = self.head(fused)
+        if self.task == "multiclass":
+            return nn.functional.cross_entropy(pred, batch["y"])
+        return nn.functional.l1_loss(pred.squeeze(1), batch["y"])
+
+
+OBJECTIVES = {o.name: o for o in (PairwiseNCEObjective, SupervisedObjective)}
+
+
+def build(cfg: Config, data, name: str) -> Objective:
+    """Objective ``name`` for ``data``, from the same initial encoder weights for every name (seeded here)."""
+    torch.manual_seed(cfg.seed)
+    return OBJECTIVES[name](cfg, data)
