@@ -1,25 +1,22 @@
-"""The Triton internals the GPU tools reach into (bench/tune_gpu.py, the autotune record of bench/run.py).
-
-They are no public API: when kernels/ is split (launchers in kernels/launch.py, tile configurations and
-the autotuned kernels in kernels/tuning.py), only the two imports below are repointed.
-"""
+"""The Triton internals the GPU tools reach into (bench/tune_gpu.py, the autotune record of bench/run.py):
+kernels/launch.py's host launchers and kernels/tuning.py's autotuned kernels. They are no public API."""
 
 from __future__ import annotations
 
-from fastpair.kernels import pairwise_nce as launch  # forward, backward, backward_panels, BACKWARD
-from fastpair.kernels import pairwise_nce as tuning  # _fwd_tuned, _panel_tuned
+import torch
+from fastpair.kernels import launch, tuning
 
 forward = launch.forward
 backward = launch.backward
-backward_panels = launch.backward_panels
 
 
-def set_backward(mode: str) -> None:
-    """Which backward the Triton path launches: "panel" (the default) or "fused"."""
-    launch.BACKWARD = mode
+def staged(zs, pairs, temperature: float) -> launch.Staged:
+    """The kernels' operands for normalized inputs without a mask, one temperature for every pair."""
+    scale2 = torch.full((len(pairs),), launch.LOG2E / temperature, dtype=torch.float32, device=zs[0].device)
+    return launch.stage(zs, None, scale2, pairs)
 
 
 def autotune_choices() -> dict:
     """The tiles the autotuner chose in this process, per key (N bucket, D bucket, flags, dtypes)."""
     return {name: {str(key): str(config) for key, config in tuner.cache.items()}
-            for name, tuner in (("forward", tuning._fwd_tuned), ("panel", tuning._panel_tuned))}
+            for name, tuner in (("forward", tuning.fwd_tuned), ("panel", tuning.panel_tuned))}

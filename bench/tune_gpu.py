@@ -1,6 +1,6 @@
 """Time the Triton kernels' tile configurations at one shape (GPU only); prints a table per kernel.
 
-    python -m bench.tune_gpu [--n 32768] [--d 512] [--dtype bfloat16] [--sections fwd,fused,panel,e2e]
+    python -m bench.tune_gpu [--n 32768] [--d 512] [--dtype bfloat16] [--sections fwd,panel,e2e]
 
 Times are medians of triton.testing.do_bench, each against the benchmark's 12-GEMM floor
 (bench/providers.py) timed at the same shape: a forward against a quarter of it (S once per pair), a
@@ -16,7 +16,7 @@ import torch
 from triton.testing import do_bench
 
 from bench import internals as K
-from bench.providers import PAIRS, TEMPERATURE, M, gemm_floor, get, make_inputs
+from bench.providers import PAIRS, TEMPERATURE, gemm_floor, get, make_inputs
 from fastpair.flops import flop_count
 
 
@@ -40,17 +40,16 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=32768)
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--sections", default="fwd,fused,panel,e2e", help="comma-separated subset to run")
+    parser.add_argument("--sections", default="fwd,panel,e2e", help="comma-separated subset to run")
     args = parser.parse_args(argv)
     sections = set(args.sections.split(","))
     n, d, dtype = args.n, args.d, getattr(torch, args.dtype)
     leaves = make_inputs(n, d, dtype=dtype, device="cuda")
     zs = [z.detach() for z in leaves]
-    scales = [1 / TEMPERATURE] * len(zs)
+    staged = K.staged(zs, PAIRS, TEMPERATURE)
     floor = do_bench(gemm_floor(zs), warmup=25, rep=100, return_mode="median")
     print(f"N={n} D={d} {args.dtype}: 12-GEMM floor (cuBLAS) {floor:.2f} ms, "
           f"{flop_count(n, d, len(PAIRS)) / floor / 1e9:.1f} TFLOP/s")
-    d_pad = max(16, 1 << (d - 1).bit_length())
 
     def rel(a, b):
         return ((a - b).abs().max() / b.abs().max()).item()
@@ -62,37 +61,25 @@ def main(argv=None) -> int:
                for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 4),
                                         (256, 128, 64, 8, 3), (128, 256, 32, 8, 4), (128, 128, 64, 8, 4)]
                if bk <= max(16, d)],
-              lambda cfg: K.forward(zs, scales, PAIRS, None, True, False, False, cfg=cfg),
-              lambda a, b: (a["lse"] - b["lse"]).abs().max().item(), floor / 4)
+              lambda cfg: K.forward(staged, True, False, False, cfg=cfg),
+              lambda a, b: (a.lse - b.lse).abs().max().item(), floor / 4)
 
-    saved = K.forward(zs, scales, PAIRS, None, True, False, True)
+    table = K.forward(staged, True, False, True).lse  # two directions: the backward's (2P, N) statistics
     coef = torch.full((len(PAIRS),), 1.0 / (len(PAIRS) * 2 * n), device="cuda")  # mean over pairs, both ways
-    if "fused" in sections:
-        sweep("backward: BM BN BK BDO warps stages -> ms, x(the floor), max|ddx|/max|dx|",
-              [(f"{bm:4d} {bn:4d} {bk:4d} {do:4d} {w:2d} {s:2d}",
-                dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_DO=do, num_warps=w, num_stages=s))
-               for bm, bn, bk, do, w, s in [(64, 128, 64, 256, 8, 3), (64, 128, 64, 256, 8, 4),
-                                            (128, 128, 64, 256, 8, 3), (128, 128, 64, 128, 8, 2),
-                                            (64, 64, 64, 512, 8, 2)]
-               if do <= d_pad and bk <= max(16, d)],
-              lambda cfg: K.backward(saved, coef, PAIRS, M, False, False, dtype, cfg=cfg)[0], rel, floor)
     if "panel" in sections:
-        sweep("panel backward: BM BN BK warps stages rows -> ms, x(the floor), max|ddx|/max|dx|",
+        sweep("backward panels: BM BN BK warps stages rows -> ms, x(the floor), max|ddx|/max|dx|",
               [(f"{bm:4d} {bn:4d} {bk:4d} {w:2d} {s:2d} {rows}",
                 (dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, max(16, d)), num_warps=w, num_stages=s), rows))
                for bm, bn, bk, w, s, rows in [(128, 128, 64, 8, 3, None), (128, 128, 64, 4, 3, None),
                                               (128, 256, 64, 8, 3, None), (64, 128, 64, 4, 3, None),
                                               (256, 128, 64, 8, 3, None), (128, 128, 64, 8, 3, 1024),
                                               (128, 128, 64, 8, 3, 8192)]],
-              lambda c: K.backward_panels(saved, coef, PAIRS, M, False, False, dtype, cfg=c[0], panel_rows=c[1])[0],
+              lambda c: K.backward(staged, table, coef, True, False, cfg=c[0], panel_rows=c[1])[0],
               rel, floor)
 
     if "e2e" in sections:
-        step = get("fastpair-triton", "cuda").step(leaves)
-        for mode in ("panel", "fused"):
-            K.set_backward(mode)
-            ms = do_bench(step, warmup=20, rep=100, return_mode="median")
-            print(f"end to end, backward={mode}: {ms:.3f} ms = {ms / floor:.2f}x the 12-GEMM floor", flush=True)
+        ms = do_bench(get("fastpair-triton", "cuda").step(leaves), warmup=20, rep=100, return_mode="median")
+        print(f"end to end: {ms:.3f} ms = {ms / floor:.2f}x the 12-GEMM floor", flush=True)
     return 0
 
 
