@@ -33,7 +33,7 @@ HEADLINE = {"cpu": ("fastpair-torch", "fastpair"), "cuda": ("fastpair-triton", "
 # Digits: CPU steps take tens of ms to seconds, CUDA steps from below one ms
 FORMAT = {"cpu": {"ms": ".1f", "tflops": ".3f"}, "cuda": {"ms": ".2f", "tflops": ".1f"}}
 README_START, README_END = "<!-- bench:cpu:start -->", "<!-- bench:cpu:end -->"
-# DESIGN.md's goals per device: (N, D, numerator, denominator, bound) and (N, D, provider, MiB)
+# The goals of docs/design.md per device: (N, D, numerator, denominator, bound) and (N, D, provider, MiB)
 GOALS = {"cpu": [(4096, 128, "fastpair-torch", "plain-pytorch", 0.5),
                  (4096, 128, "fastpair-torch", "gemm-floor", 1.2),
                  (4096, 128, "fastpair-torch", "torch-compile", 1.15)]}
@@ -205,7 +205,7 @@ def markdown(result: dict) -> str:
         for dtype, d in dict.fromkeys((r["dtype"], r["d"]) for r in rows):
             lines += provider_tables(rows, dtype, d, FORMAT[kind]["ms"])
     if result.get("goals"):
-        lines += ["Goals (DESIGN.md):", *result["goals"], ""]
+        lines += ["Goals (docs/design.md):", *result["goals"], ""]
     if result["skipped"]:
         lines += ["Skipped (not installed):", *[f"- {k}: {v}" for k, v in result["skipped"].items()], ""]
     if result["failed"]:

@@ -1,4 +1,4 @@
-"""The materialized formula of DESIGN.md: the tests' oracle and the benchmark's plain-PyTorch baseline.
+"""The materialized formula of docs/design.md: the tests' oracle and the benchmark's plain-PyTorch baseline.
 
 ``pairwise_nce_reference(..., upcast=True)`` computes in float64 (the oracle);
 ``upcast=False`` keeps the input dtype and is exactly "plain PyTorch": logits as an N x N matrix and

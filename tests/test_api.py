@@ -1,4 +1,4 @@
-"""Every bad input named in DESIGN.md gets a ValueError/TypeError that says what was expected."""
+"""Every bad input named in docs/design.md gets a ValueError/TypeError that says what was expected."""
 
 from __future__ import annotations
 
