@@ -49,7 +49,6 @@ class Call:
     """Everything a backend needs besides the embeddings, checked. `shard` is set under a process group
     (fastpair.distributed): the embeddings and the mask are then the gathered global batch."""
 
-    num_modalities: int
     pairs: tuple[tuple[int, int], ...]
     temperature: Temperature
     weights: tuple[float, ...]
@@ -78,6 +77,8 @@ def describe(embeddings, temperature, weights, mask, normalize, return_stats, ba
     num_modalities = len(embeddings)
     pairs = tuple(modality_pairs(num_modalities))
     z = embeddings[0]
+    temperature = _temperature(temperature, len(pairs))
+    weights = tuple(check_weights(weights, len(pairs)))
     if mask is not None:
         _check_mask(mask, num_modalities, z.shape[0], z.device)
     _check_flag("normalize", normalize)
@@ -85,17 +86,8 @@ def describe(embeddings, temperature, weights, mask, normalize, return_stats, ba
     check_backend(backend)
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    return Call(
-        num_modalities=num_modalities,
-        pairs=pairs,
-        temperature=_temperature(temperature, len(pairs)),
-        weights=tuple(check_weights(weights, len(pairs))),
-        mask=mask,
-        normalize=normalize,
-        return_stats=return_stats,
-        backend=_resolve_backend(backend, z),
-        block_size=block_size,
-    )
+    return Call(pairs=pairs, temperature=temperature, weights=weights, mask=mask, normalize=normalize,
+                return_stats=return_stats, backend=_resolve_backend(backend, z), block_size=block_size)
 
 
 def check_embeddings(embeddings) -> None:

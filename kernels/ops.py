@@ -28,9 +28,9 @@ def _call(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank
     """The Call the public function validated, rebuilt from the op's flattened arguments."""
     pairs = tuple(modality_pairs(len(zs)))
     values = tuple(known_t) if known_t else tuple(read_temperatures(temperature, len(pairs)))
-    return Call(num_modalities=len(zs), pairs=pairs, temperature=Temperature(values, None, (len(pairs),)),
-                weights=tuple(weights), mask=mask, normalize=normalize, return_stats=stats, backend="triton",
-                block_size=None, shard=distributed.shard_from_op_arguments(sizes, rank, group))
+    return Call(pairs=pairs, temperature=Temperature(values, None, (len(pairs),)), weights=tuple(weights), mask=mask,
+                normalize=normalize, return_stats=stats, backend="triton", block_size=None,
+                shard=distributed.shard_from_op_arguments(sizes, rank, group))
 
 
 def _scale2(temperature: torch.Tensor) -> torch.Tensor:
