@@ -123,16 +123,16 @@ def _memeff() -> Callable:
     return lambda zs: sum(mem(zs[p], zs[q]) for p, q in PAIRS) / len(PAIRS)
 
 
-CPU, CUDA = ("cpu", "cuda"), ("cuda",)
+BOTH, CUDA = ("cpu", "cuda"), ("cuda",)
 # name, devices, builder of the loss (None: the floor), flags. The order is the run order on every device:
 # on CPU it is the order of the CPU benchmark since 2026-11 (floor, fastpair, compile, plain).
 _SPECS = [
-    (FLOOR, CPU, None, {}),
+    (FLOOR, BOTH, None, {}),
     ("fastpair-triton", CUDA, lambda: _fastpair("triton"), {}),
     ("fastpair-triton-det", CUDA, lambda: _fastpair("triton"), {"deterministic": True}),
-    ("fastpair-torch", CPU, lambda: _fastpair("torch"), {}),
-    ("torch-compile", CPU, _compiled, {"compiles": True}),
-    ("plain-pytorch", CPU, lambda: _plain, {}),
+    ("fastpair-torch", BOTH, lambda: _fastpair("torch"), {}),
+    ("torch-compile", BOTH, _compiled, {"compiles": True}),
+    ("plain-pytorch", BOTH, lambda: _plain, {}),
     ("open_clip-x3", CUDA, _open_clip, {}),
     ("inf_cl-x6", CUDA, _inf_cl, {}),
     ("memeff-x3", CUDA, _memeff, {}),
