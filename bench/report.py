@@ -134,7 +134,8 @@ def _dtypes(rows) -> list[str]:
 def header(result: dict) -> str:
     meta, dtypes = result["meta"], _dtypes(result["rows"])
     parts = [meta["device"], f"{meta['threads']} threads" if "threads" in meta else None, f"torch {meta['torch']}",
-             f"triton {meta['triton']}" if "triton" in meta else None, f"fastpair {meta['fastpair']}", meta["date"]]
+             f"triton {meta['triton']}" if "triton" in meta else None, f"fastpair {meta['fastpair']}",
+             f"commit {meta['commit']}" if meta.get("commit") else None, meta["date"]]
     run = [f"M={meta['m']}", dtypes[0] if len(dtypes) == 1 else None, "fwd+bwd", meta["timer"]]
     return ", ".join(p for p in parts if p) + "; " + ", ".join(p for p in run if p)
 

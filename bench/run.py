@@ -31,6 +31,7 @@ import datetime
 import math
 import os
 import platform
+import subprocess
 import time
 
 import torch
@@ -185,8 +186,21 @@ def meta(device: str) -> dict:
         head = dict(device=torch.cuda.get_device_name(), kind="cuda", torch=torch.__version__,
                     triton=triton.__version__)
         timer = "medians of triton.testing.do_bench"
-    return dict(head, fastpair=fastpair.__version__, date=datetime.date.today().isoformat(), m=providers.M,
-                timer=timer)
+    return dict(head, fastpair=fastpair.__version__, commit=_commit(), date=datetime.date.today().isoformat(),
+                m=providers.M, timer=timer)
+
+
+def _commit() -> str | None:
+    """The checkout's commit, "+changes" when the tree differs from it; None outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
 
 
 def _autotuned() -> dict:
