@@ -6,14 +6,16 @@ from __future__ import annotations
 import torch
 from fastpair.kernels import launch, tuning
 
+from fastpair.numerics import LOG2E
+
 forward = launch.forward
 backward = launch.backward
 
 
 def staged(zs, pairs, temperature: float) -> launch.Staged:
     """The kernels' operands for normalized inputs without a mask, one temperature for every pair."""
-    scale2 = torch.full((len(pairs),), launch.LOG2E / temperature, dtype=torch.float32, device=zs[0].device)
-    return launch.stage(zs, None, scale2, pairs)
+    scale2 = torch.full((len(pairs),), LOG2E / temperature, dtype=torch.float32, device=zs[0].device)
+    return launch.stage(zs, None, scale2, pairs, normalize=True)
 
 
 def autotune_choices() -> dict:

@@ -6,7 +6,7 @@ statistics (O(N)), the backward pass recomputes each block. Memory is O(M*N*D + 
 
 Two exact variants, chosen per pair on the host:
 
-* bounded (normalized inputs and 1/t <= ``_bound(dtype)``): |S| <= 1/t, so E = exp(S) neither
+* bounded (normalized inputs and 1/t <= ``exp_bound(dtype)``): |S| <= 1/t, so E = exp(S) neither
   overflows nor leaves the normal range, and *one* exponential per element serves both the row
   and the column sums, forward and backward (P = E / rowsum, Q = E / colsum):
       dL/dS_ij = c * (E_ij * (v_j / rowsum_i + v_i / colsum_j) - 2 v_i [i == j]),  c = w / (W * 2n)
@@ -28,19 +28,7 @@ import torch
 
 from . import distributed, epilogue
 from .call import Call
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-NORM_EPS = 1e-12
-
-
-def _bound(dtype: torch.dtype) -> float:
-    """Largest logit scale 1/t for which exp(S), |S| <= 1/t, is safe without a running max.
-
-    float32: exp(+-60) stays within [8.7e-27, 1.2e26], normal numbers, and N * e^60 < 3.4e38 for any
-    batch below 2^40. float64: exp(+-600) likewise within its normal range.
-    """
-    return 600.0 if dtype == torch.float64 else 60.0
+from .numerics import LN2, LOG2E, NORM_EPS, exp_bound
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,7 +50,7 @@ class Plan:
     block: int
 
     def bounded(self, k: int, dtype: torch.dtype) -> bool:
-        return self.call.normalize and self.scales[k] <= _bound(dtype)
+        return self.call.normalize and self.scales[k] <= exp_bound(dtype)
 
     def active(self, k: int) -> bool:
         """A pair with weight 0 is skipped unless its statistics were asked for."""
@@ -71,12 +59,14 @@ class Plan:
 
 @dataclass(frozen=True)
 class Saved:
-    """Forward -> backward: per pair its (row, col) statistics as _forward_pair returns them (None: skipped),
-    the epilogue's coefficients, and the input dtype of the gradients."""
+    """Forward -> backward, besides the normalized inputs and inverse norms (saved as tensors)."""
 
-    stats: tuple
-    coef: torch.Tensor
-    in_dtype: torch.dtype
+    plan: Plan
+    stats: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]  # per pair (row, col) of _forward_pair
+    coef: torch.Tensor  # (P,) the epilogue's coefficients
+    in_dtype: torch.dtype  # the gradients' dtype
+    num_embeddings: int
+    temperature_meta: tuple[torch.dtype, torch.device] | None  # the temperature tensor's, when it learns
 
 
 @torch.compiler.disable  # runs eagerly inside a compiled step: host-side numbers and a blocked Python loop
@@ -176,7 +166,7 @@ def _merge_columns(shard, cols: list, bounded: list[bool]) -> None:
         if not idx:
             continue
         c = torch.stack([cols[i] for i in idx])
-        c = distributed.sum_over_ranks(shard, c) if kind else distributed.merge_column_log2sumexp2(shard, c)
+        c = distributed.all_reduce(shard, c) if kind else distributed.merge_column_log2sumexp2(shard, c)
         for j, i in enumerate(idx):
             cols[i] = c[j]
 
@@ -249,10 +239,13 @@ class PairwiseNCEFunction(torch.autograd.Function):
             return _backward(ctx, grad_loss)
 
 
-def _valid(mask, p, q, cdtype):
-    if mask is None:
+def _valid(call: Call, k: int, cdtype: torch.dtype) -> torch.Tensor | None:
+    """(N,) 0/1 weights of pair k's valid samples, or None without a mask. A tensor of its own, not a row of
+    a (P, N) table: BLAS sums an aligned vector in the same order on every call, so results stay bitwise."""
+    if call.mask is None:
         return None
-    return (mask[p] & mask[q]).to(cdtype)
+    p, q = call.pairs[k]
+    return (call.mask[p] & call.mask[q]).to(cdtype)
 
 
 def _forward(ctx, plan: Plan, temperature, embeddings):
@@ -268,11 +261,12 @@ def _forward(ctx, plan: Plan, temperature, embeddings):
 
     # 1. row statistics of this process's rows; column statistics merged over every rank's rows
     active = [k for k in range(num_pairs) if plan.active(k)]
-    valid = {k: _valid(call.mask, *call.pairs[k], cdtype) for k in active}
+    valid = {k: _valid(call, k, cdtype) for k in active}
     found = {}
     for k in active:
         p, q = call.pairs[k]
-        found[k] = _forward_pair(xs[p], xs[q], valid[k], plan.scales[k], plan.bounded(k, cdtype), plan.block,
+        v = valid[k]
+        found[k] = _forward_pair(xs[p], xs[q], v, plan.scales[k], plan.bounded(k, cdtype), plan.block,
                                  call.return_stats, buf, r0, r1)
     cols = [found[k][1] for k in active]
     _merge_columns(call.shard, cols, [plan.bounded(k, cdtype) for k in active])
@@ -303,19 +297,18 @@ def _forward(ctx, plan: Plan, temperature, embeddings):
 
     # 3. the shared epilogue: the loss (W times this process's share under a group), stats, coefficients
     done = epilogue.finish(call, n, lse_row, lse_col, diag, hits)
-    ctx.plan = plan
-    ctx.saved = Saved(stats=tuple(stats), coef=done.coef, in_dtype=in_dtype)
-    ctx.temperature_meta = (temperature.dtype, temperature.device) if temperature is not None else None
-    ctx.num_embeddings = len(embeddings)
+    meta = (temperature.dtype, temperature.device) if temperature is not None else None
+    ctx.saved = Saved(plan=plan, stats=tuple(stats), coef=done.coef, in_dtype=in_dtype,
+                      num_embeddings=len(embeddings), temperature_meta=meta)
     ctx.save_for_backward(*xs, *(inv if inv is not None else torch.empty(0) for inv in invs))
     ctx.mark_non_differentiable(done.pair_losses, done.accuracy)
     return done.loss, done.pair_losses, done.accuracy
 
 
 def _backward(ctx, grad_loss):
-    plan: Plan = ctx.plan
-    call, saved = plan.call, ctx.saved
-    m = ctx.num_embeddings
+    saved: Saved = ctx.saved
+    plan, call = saved.plan, saved.plan.call
+    m = saved.num_embeddings
     xs, invs = ctx.saved_tensors[:m], ctx.saved_tensors[m:]
     cdtype = xs[0].dtype
     n = xs[0].shape[0]
@@ -326,14 +319,14 @@ def _backward(ctx, grad_loss):
 
     grads = [torch.zeros_like(x) for x in xs]
     coef = grad_loss.to(cdtype) * saved.coef  # zero for a pair without a valid sample
-    want_dt = ctx.temperature_meta is not None and ctx.needs_input_grad[1]
+    want_dt = saved.temperature_meta is not None and ctx.needs_input_grad[1]
     dts = []
     for k, (p, q) in enumerate(call.pairs):
         if saved.stats[k] is None or call.weights[k] == 0:
             dts.append(torch.zeros((), dtype=cdtype, device=device))
             continue
         row, col = saved.stats[k]
-        v = _valid(call.mask, p, q, cdtype)
+        v = _valid(call, k, cdtype)
         sgs = _backward_pair(xs[p], xs[q], v, plan.scales[k], plan.bounded(k, cdtype), plan.block, row, col,
                              coef[k], grads[p], grads[q], want_dt, buf, tmp, r0, r1)
         # dL/dt = -(1/t) sum_ij G_ij S_ij = -scale * <dL/dx, x> (before the normalization backward)
@@ -346,7 +339,7 @@ def _backward(ctx, grad_loss):
     grad_t = None
     if want_dt:
         dt = torch.stack(dts)
-        dtype, dev = ctx.temperature_meta
+        dtype, dev = saved.temperature_meta
         grad_t = (dt.sum() if call.temperature.shape == () else dt).to(dtype=dtype, device=dev)
         grad_t = grad_t.reshape(call.temperature.shape)
     return (None, grad_t, *grads)

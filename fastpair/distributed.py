@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+from .call import FLOAT_DTYPES as _DTYPES  # the header's dtype codes are positions in this tuple
+
 # Header fields, one int64 each: ok, N_r, D, M, dtype code, has mask, backend code (0 torch, 1 triton)
 _HEADER = 7
 
@@ -65,7 +66,7 @@ def world_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def spread(group, embeddings, call, error: Exception | None):
+def gather_call(group, embeddings, call, error: Exception | None):
     """Under a group of W > 1 ranks: agree on every rank's input (raise on every rank if any is bad), then
     return the gathered global batch (with autograd) and the call with the global mask and this rank's Shard."""
     mask = None if call is None else call.mask
@@ -117,24 +118,24 @@ def exchange(group, embeddings, mask, use_triton: bool, error: Exception | None)
 # ----------------------------------------------------------------------------------------------------
 # Merges: how each statistic of every rank's rows combines into the whole batch's.
 
-def sum_over_ranks(shard: Shard, tensor: torch.Tensor, op=None) -> torch.Tensor:
-    """All-reduce (a sum unless `op` says otherwise) in place on this group; returns the tensor."""
+def all_reduce(shard: Shard, tensor: torch.Tensor, op=None) -> torch.Tensor:
+    """All-reduce in place on this group (a sum unless `op` says otherwise); returns the tensor."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=shard.group)
     return tensor
 
 
 def merge_column_log2sumexp2(shard: Shard, c: torch.Tensor) -> torch.Tensor:
     """log2 sum 2^c over ranks, elementwise, through the max (all -inf stays -inf)."""
-    m = sum_over_ranks(shard, c.clone(), dist.ReduceOp.MAX)
+    m = all_reduce(shard, c.clone(), dist.ReduceOp.MAX)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return sum_over_ranks(shard, torch.exp2(c - m)).log2() + m
+    return all_reduce(shard, torch.exp2(c - m)).log2() + m
 
 
 def merge_first_argmax(shard: Shard, best: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
     """Per column, the first row (over all ranks, in order) holding the column's maximum."""
-    top = sum_over_ranks(shard, best.clone(), dist.ReduceOp.MAX)
+    top = all_reduce(shard, best.clone(), dist.ReduceOp.MAX)
     first = torch.where(best == top, arg, torch.full_like(arg, torch.iinfo(arg.dtype).max))
-    return sum_over_ranks(shard, first, dist.ReduceOp.MIN)
+    return all_reduce(shard, first, dist.ReduceOp.MIN)
 
 
 def gather_rows(shard: Shard, tensor: torch.Tensor) -> torch.Tensor:
@@ -171,7 +172,7 @@ class _GatherWithGrad(torch.autograd.Function):
             mine = torch.empty_like(padded[0])
             dist.reduce_scatter_tensor(mine, padded, group=shard.group)
         else:
-            mine = sum_over_ranks(shard, padded)[shard.rank]
+            mine = all_reduce(shard, padded)[shard.rank]
         return None, mine[: shard.rows].to(device=grad.device, dtype=grad.dtype)
 
 
@@ -209,3 +210,8 @@ def shard_from_op_arguments(sizes: list[int], rank: int, name: str) -> Shard | N
     if not sizes:
         return None
     return Shard(group=_GROUPS[name], rank=rank, sizes=tuple(sizes), masked=False)
+
+
+def rows_from_op_arguments(sizes: list[int], rank: int, n: int) -> tuple[int, int]:
+    """(first row, number of rows) of S this process computes: all N, or its rank's share of the batch."""
+    return (sum(sizes[:rank]), sizes[rank]) if sizes else (0, n)

@@ -36,12 +36,15 @@ class Finished:
     coef: torch.Tensor  # (P,) compute dtype, for the backward
 
 
-def finish(call: Call, n: int, lse_row, lse_col, diag, hits=None) -> Finished:
-    """lse_row, lse_col, diag: (P, rows) in the compute dtype, rows = this process's rows; hits: (2, P)
-    this process's row hits x->y and y->x (counts over its valid rows), or None without return_stats."""
+def finish(call: Call, n: int, lse_row, lse_col, diag, hits=None, unit: float = 1.0) -> Finished:
+    """lse_row, lse_col, diag: (P, rows) in the compute dtype, rows = this process's rows, in units of
+    `unit` nats (1: natural logs; ln 2: base-2 logs, converted once, after the sum); hits: (2, P) this
+    process's row hits x->y and y->x (counts over its valid rows), or None without return_stats."""
     r0, r1 = call.rows(n)
     dtype, device = lse_row.dtype, lse_row.device
     terms = lse_row + lse_col - 2.0 * diag
+    if unit != 1.0:
+        terms = terms * unit
     if call.mask is not None:
         valid = pair_valid(call.mask, call.pairs)
         terms = torch.where(valid[:, r0:r1], terms, torch.zeros_like(terms))
@@ -59,6 +62,6 @@ def finish(call: Call, n: int, lse_row, lse_col, diag, hits=None) -> Finished:
     if hits is not None:
         sums = torch.cat([local[None], hits.to(dtype)])
         if call.shard is not None:  # the whole batch's statistics
-            sums = distributed.sum_over_ranks(call.shard, sums)
+            sums = distributed.all_reduce(call.shard, sums)
         pair_losses, accuracy = sums[0], (sums[1:].T / counts.clamp_min(1.0)[:, None]).float()
     return Finished(loss, pair_losses.detach().float(), accuracy, coef)

@@ -69,7 +69,7 @@ def pairwise_nce(
             raise
         call, error = None, err
     if world > 1:  # every rank learns whether every rank's input is valid before any rank waits in a collective
-        embeddings, call = distributed.spread(group, embeddings, call, error)
+        embeddings, call = distributed.gather_call(group, embeddings, call, error)
 
     if call.backend == "triton":
         from .kernels.ops import pairwise_nce_triton

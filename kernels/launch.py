@@ -13,14 +13,12 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from fastpair.numerics import NORM_EPS
 from fastpair.tables import constant
 
 from . import tuning
 from .jit import fwd_kernel, grad_panel_kernel, input_grad_kernel
 
-LOG2E = 1.4426950408889634
-NORM_EPS = 1e-12
-BOUND = 60.0  # largest 1/t for which exp(S), |S| <= 1/t, is safe in fp32 without a running max
 PANEL_BYTES = 256 * 2**20  # workspace for one row panel of W (the only O(rows * N) buffer)
 
 
@@ -47,10 +45,9 @@ class Swept:
     diag: torch.Tensor
     hits: torch.Tensor | None
     colsum: torch.Tensor | None
-    bounded: bool
 
 
-def stage(zs, mask, scale2: torch.Tensor, pairs, normalize: bool = True, rnorm=None) -> Staged:
+def stage(zs, mask, scale2: torch.Tensor, pairs, normalize: bool, rnorm=None) -> Staged:
     """Stack the inputs, cast the mask, and compute the inverse norms (or take the forward's `rnorm`)."""
     z = torch.stack([t.contiguous() for t in zs])
     in_dtype = z.dtype
@@ -78,9 +75,10 @@ def input_precision(dtype: torch.dtype) -> str:
 
 def forward(staged: Staged, bounded: bool, stats: bool, deterministic: bool, row0: int = 0,
             rows: int | None = None, cfg=None) -> Swept:
-    """One launch for all pairs. bounded: normalized inputs and every 1/t <= BOUND. The fast path (one
-    direction per pair, column sums by fp32 atomics) unless statistics, unbounded logits or
-    torch.use_deterministic_algorithms ask for the atomic-free two-direction sweep."""
+    """One launch for all pairs. bounded: normalized inputs and every 1/t <= exp_bound(float32)
+    (fastpair.numerics). The fast path (one direction per pair, column sums by fp32 atomics) unless
+    statistics, unbounded logits or torch.use_deterministic_algorithms ask for the atomic-free
+    two-direction sweep."""
     z, pairs = staged.z, staged.pairs
     _, n, d = z.shape
     rows = n if rows is None else rows
@@ -103,7 +101,7 @@ def forward(staged: Staged, bounded: bool, stats: bool, deterministic: bool, row
         HAS_MASK=staged.has_mask, BOUNDED=bounded, ATOMIC_COLS=atomic, STATS=stats,
         INPUT_PRECISION=input_precision(staged.in_dtype), **tiles,
     )
-    return Swept(lse, diag, hits if stats else None, colsum if atomic else None, bounded)
+    return Swept(lse, diag, hits if stats else None, colsum if atomic else None)
 
 
 def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -9,15 +9,16 @@ only, so the validated Call travels flattened and is rebuilt inside (`_call`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from fastpair import distributed, epilogue
 from fastpair.call import Call, Temperature, modality_pairs, read_temperatures
+from fastpair.numerics import LN2, LOG2E, exp_bound
 from fastpair.tables import constant, pair_valid
 
 from . import launch
-
-LN2 = 0.6931471805599453
 
 # Bump when an op's signature or autograd formula changes: torch.compile's on-disk caches key a compiled
 # step on its forward graph and could replay a backward recorded against the old op.
@@ -34,7 +35,7 @@ def _call(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank
 
 
 def _scale2(temperature: torch.Tensor) -> torch.Tensor:
-    return (launch.LOG2E / temperature.float()).contiguous()  # on the device: no copy from the host
+    return (LOG2E / temperature.float()).contiguous()  # on the device: no copy from the host
 
 
 @torch.library.custom_op(f"fastpair::pairwise_nce_fwd_v{OPS_VERSION}", mutates_args=())
@@ -50,16 +51,16 @@ def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t:
     call = _call(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, group)
     n = zs[0].shape[0]
     r0, r1 = call.rows(n)
-    bounded = normalize and max(1.0 / t for t in call.temperature.values) <= launch.BOUND
+    bounded = normalize and max(1.0 / t for t in call.temperature.values) <= exp_bound(torch.float32)
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
-        staged = launch.stage(zs, mask, _scale2(temperature), call.pairs, normalize=normalize)
+        staged = launch.stage(zs, mask, _scale2(temperature), call.pairs, normalize)
         swept = launch.forward(staged, bounded, stats, torch.are_deterministic_algorithms_enabled(),
                                row0=r0, rows=r1 - r0)
         table, lse_row, lse_col, diag = _statistics(call, swept, n)
         hits = None
         if stats:
             hits = torch.stack([swept.hits[0::2].sum(dim=1), swept.hits[1::2].sum(dim=1)])
-        done = epilogue.finish(call, n, lse_row * LN2, lse_col * LN2, diag * LN2, hits)
+        done = epilogue.finish(call, n, lse_row, lse_col, diag, hits, unit=LN2)
     return (done.loss, done.pair_losses, done.accuracy, table, staged.rnorm, done.coef,
             torch.tensor(bounded, dtype=torch.bool))
 
@@ -75,7 +76,7 @@ def _statistics(call: Call, swept: launch.Swept, n: int):
         local = swept.lse
         table = local if call.shard is None else distributed.gather_rows(call.shard, local.T).T.contiguous()
         return table, local[0::2], local[1::2], swept.diag[0::2]
-    colsum = swept.colsum if call.shard is None else distributed.sum_over_ranks(call.shard, swept.colsum)
+    colsum = swept.colsum if call.shard is None else distributed.all_reduce(call.shard, swept.colsum)
     col = torch.log2(colsum)
     if call.mask is not None:
         col = torch.where(pair_valid(call.mask, call.pairs), col, torch.zeros_like(col))
@@ -109,9 +110,9 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
     here: the gather's backward sums the ranks' gradients)."""
     pairs = tuple(modality_pairs(len(zs)))
     n = zs[0].shape[0]
-    r0, rows = (sum(sizes[:rank]), sizes[rank]) if sizes else (0, n)
+    r0, rows = distributed.rows_from_op_arguments(sizes, rank, n)
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
-        staged = launch.stage(zs, mask, _scale2(temperature), pairs, rnorm=rnorm)
+        staged = launch.stage(zs, mask, _scale2(temperature), pairs, normalize, rnorm=rnorm)
         dxw, sgs = launch.backward(staged, lse, (grad.float() * coef).contiguous(), bool(bounded.item()),
                                    needs_dt, row0=r0, rows=rows)
         grads = launch.input_grads(dxw, staged, normalize)
@@ -128,26 +129,35 @@ def _(grad, zs, temperature, mask, lse, rnorm, coef, bounded, normalize, needs_d
     return zs[0].new_empty((m, n, d)), zs[0].new_empty((m * (m - 1) // 2,), dtype=torch.float32)
 
 
+@dataclass(frozen=True)
+class _State:
+    """Forward -> backward, besides the saved tensors (temperature, lse2, r, coef, bounded, *zs)."""
+
+    mask: torch.Tensor | None
+    normalize: bool
+    needs_dt: bool
+    sizes: list[int]
+    rank: int
+    known_t: list[float]
+
+
 def _setup_context(ctx, inputs, output):
     zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, _group = inputs
     _, pair_losses, accuracy, lse, rnorm, coef, bounded = output
     ctx.save_for_backward(temperature, lse, rnorm, coef, bounded, *zs)
-    ctx.mask = mask
-    ctx.sizes, ctx.rank = sizes, rank
-    ctx.known_t = known_t
-    ctx.normalize = normalize
-    ctx.needs_dt = temperature.requires_grad
+    ctx.state = _State(mask, normalize, temperature.requires_grad, sizes, rank, known_t)
     ctx.mark_non_differentiable(pair_losses, accuracy, lse, rnorm, coef, bounded)
 
 
 def _backward(ctx, grad_loss, *_unused):
     temperature, lse, rnorm, coef, bounded, *zs = ctx.saved_tensors
-    grads, dt = pairwise_nce_bwd(grad_loss, zs, temperature, ctx.mask, lse, rnorm, coef, bounded,
-                                 ctx.normalize, ctx.needs_dt, ctx.sizes, ctx.rank)
+    state: _State = ctx.state
+    grads, dt = pairwise_nce_bwd(grad_loss, zs, temperature, state.mask, lse, rnorm, coef, bounded,
+                                 state.normalize, state.needs_dt, state.sizes, state.rank)
     # torch.library matches the gradient structure to the inputs' pytree, where an empty list stays a list
-    known_grad = [] if not ctx.known_t else None
-    sizes_grad = [] if not ctx.sizes else None
-    return (list(grads.unbind(0)), (dt if ctx.needs_dt else None), known_grad, None, None, None, None,
+    known_grad = [] if not state.known_t else None
+    sizes_grad = [] if not state.sizes else None
+    return (list(grads.unbind(0)), (dt if state.needs_dt else None), known_grad, None, None, None, None,
             sizes_grad, None, None)
 
 
