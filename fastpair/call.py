@@ -12,10 +12,14 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import kernels as _kernels
+
+if TYPE_CHECKING:
+    from .distributed import Shard
 
 BACKENDS = ("auto", "torch", "triton")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -57,7 +61,7 @@ class Call:
     return_stats: bool
     backend: str  # "torch" or "triton": resolved from "auto"
     block_size: int | None  # rows per block of the torch backend (None: its default)
-    shard: object = None  # fastpair.distributed.Shard, or None without a process group
+    shard: Shard | None = None  # this rank's rows of the gathered batch; None without a process group
 
     @property
     def world(self) -> int:
@@ -156,14 +160,14 @@ def check_backend(backend) -> None:
 def _temperature(value, num_pairs: int) -> Temperature:
     """A float, a sequence of P numbers, or a 0-d / (P,) floating-point tensor (its values unread)."""
     if isinstance(value, torch.Tensor):
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"temperature must be a floating-point tensor, got dtype {value.dtype}")
+        if value.dim() not in (0, 1) or (value.dim() == 1 and value.numel() != num_pairs):
+            raise ValueError(f"temperature must be a 0-d tensor or a 1-d tensor with one entry per pair "
+                             f"({num_pairs}), got shape {tuple(value.shape)}")
         if not value.is_floating_point():
             raise TypeError(f"temperature tensor must be floating point, got {value.dtype}")
-        if value.dim() == 0:
-            return Temperature(None, value, ())
-        if value.dim() == 1 and value.numel() == num_pairs:
-            return Temperature(None, value, (num_pairs,))
-        raise ValueError(f"temperature must be a 0-d tensor or a 1-d tensor with one entry per pair ({num_pairs}), "
-                         f"got shape {tuple(value.shape)}")
+        return Temperature(None, value, tuple(value.shape))
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         values = [float(value)] * num_pairs
         shape: tuple[int, ...] = ()

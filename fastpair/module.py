@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .call import check_backend, check_weights, modality_pairs
+from .call import check_backend, check_temperatures, check_weights, modality_pairs
 from .loss import pairwise_nce
 
 if TYPE_CHECKING:
@@ -38,8 +38,9 @@ class PairwiseNCE(nn.Module):
         super().__init__()
         if isinstance(num_modalities, bool) or not isinstance(num_modalities, int) or num_modalities < 2:
             raise ValueError(f"num_modalities must be an int >= 2, got {num_modalities!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        check_temperatures([float(temperature)])
         if not (isinstance(max_logit_scale, (int, float)) and max_logit_scale > 0):
             raise ValueError(f"max_logit_scale must be a number > 0, got {max_logit_scale!r}")
         check_backend(backend)
@@ -48,6 +49,8 @@ class PairwiseNCE(nn.Module):
         self.max_logit_scale = float(max_logit_scale)
         self.normalize = normalize
         self.backend = backend
+        if weights is not None and not isinstance(weights, torch.Tensor):
+            weights = [float(w) for w in weights]  # any iterable of numbers (a list, a NumPy array)
         self.weights = None if weights is None else check_weights(weights, self.num_pairs)
         shape = (self.num_pairs,) if per_pair_temperature else ()
         init = torch.full(shape, math.log(temperature))
