@@ -23,7 +23,7 @@ TINY = ["--device", "cpu", "--width", "16", "--layers", "1", "--batch-size", "32
 
 @pytest.fixture(scope="module")
 def small_npz(tmp_path_factory):
-    """The small .npz of conftest; one NaN in train/audio (set to 0 and counted in the log)."""
+    """The small .npz of tests/helpers.py; one NaN in train/audio (set to 0 and counted in the log)."""
     return write_small_npz(tmp_path_factory.mktemp("data") / "small.npz", seed=0, nan_at=(0, 0, 1))
 
 

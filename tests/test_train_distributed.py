@@ -31,7 +31,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 @pytest.fixture(scope="module")
 def tiny_npz(tmp_path_factory):
-    """The small .npz of conftest; one train sample has no audio (a masked modality)."""
+    """The small .npz of tests/helpers.py; one train sample has no audio (a masked modality)."""
     return write_small_npz(tmp_path_factory.mktemp("data") / "tiny.npz", seed=1, no_audio=5)
 
 

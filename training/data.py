@@ -55,9 +55,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MODALITIES = ("text", "audio", "vision")
-SPLITS = ("train", "valid", "test")
-IEMOCAP_CLASSES = ["neutral", "happy", "sad", "angry"]
+from .names import IEMOCAP_CLASSES, MODALITIES, SPLITS
+from .synthetic import make_synthetic
+
 LAYOUTS = (
     "MulT pickle (splits with text/audio/vision (N,T,F) and labels (N,4,2) or (N,1,1)), "
     "MMSA pickle (text/audio/vision (N,T,F), regression_labels (N,), optional *_lengths), "
@@ -93,8 +93,6 @@ class MERData:
 def load(spec: str = "synthetic", seed: int = 0) -> MERData:
     """Load ``spec``: "synthetic" (generated from ``seed``) or the path of a MulT/MMSA pickle or an .npz."""
     if spec == "synthetic":
-        from .synthetic import make_synthetic  # it needs this module's names
-
         raw, src, container = make_synthetic(seed), f"synthetic(seed={seed})", "synthetic"
     else:
         raw, container = _read(Path(spec))

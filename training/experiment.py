@@ -33,8 +33,9 @@ import torch.distributed as dist
 from . import data as data_mod
 from .checkpoint import load_checkpoint
 from .config import Config, TrainError, baselines, parse_config, parser
-from .data import MODALITIES, DataError, to_tensors
+from .data import DataError, to_tensors
 from .models import MultimodalEncoder
+from .names import MODALITIES
 from .objectives import Objective, build
 from .runlog import summary_writer
 from .train import fit, take

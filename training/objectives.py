@@ -26,8 +26,8 @@ from torch import nn
 from fastpair import PairwiseNCE, modality_pairs
 
 from .config import Config
-from .data import MODALITIES
 from .models import MultimodalEncoder, present
+from .names import MODALITIES
 
 Stats = dict[str, torch.Tensor]
 

@@ -39,7 +39,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
 from .checkpoint import atomic_write
-from .data import MODALITIES, SPLITS
+from .names import MODALITIES, SPLITS
 
 SUBSETS: list[tuple[str, ...]] = [c for k in (1, 2, 3) for c in combinations(MODALITIES, k)]  # T A V TA TV AV TAV
 TASKS = ("multiclass", "regression")

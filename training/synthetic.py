@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import IEMOCAP_CLASSES, MODALITIES, SPLITS
+from .names import IEMOCAP_CLASSES, MODALITIES, SPLITS
 
 SYNTHETIC_DIMS = {"text": 300, "audio": 74, "vision": 35}
 # The pair of classes each modality cannot tell apart (its view of the latent lacks their difference).
