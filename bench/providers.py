@@ -124,8 +124,8 @@ def _memeff() -> Callable:
 
 
 BOTH, CUDA = ("cpu", "cuda"), ("cuda",)
-# name, devices, builder of the loss (None: the floor), flags. The order is the run order on every device:
-# on CPU it is the order of the CPU benchmark since 2026-11 (floor, fastpair, compile, plain).
+# name, devices, builder of the loss (None: the floor), flags. The order is the run order on every device
+# (on CPU: floor, fastpair, compile, plain).
 _SPECS = [
     (FLOOR, BOTH, None, {}),
     ("fastpair-triton", CUDA, lambda: _fastpair("triton"), {}),

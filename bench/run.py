@@ -19,9 +19,9 @@ All providers of a shape run back to back, so the ratios of the report come from
   --budget-s is spent the run stops before the next shape. The tiles the autotuner chose are recorded.
 The result JSON, Markdown and plot go to OUT/<device-slug>-<date>.{json,md,png} (bench/report.py).
 
-Not pytest-benchmark (the CPU harness until 2026-11): the benchmark is no test, and one runner serves both
-devices. CPU timing is what its pedantic mode did (warm-up calls, then time.perf_counter around each round,
-median; same rounds as then), so numbers from before and after compare.
+A plain runner, not a pytest plugin: the benchmark is no test, and one runner serves both devices. CPU timing
+is warm-up calls, then time.perf_counter around each round, median (what pytest-benchmark's pedantic mode
+does, so the committed CPU results of earlier runs compare).
 """
 
 from __future__ import annotations
