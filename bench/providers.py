@@ -5,8 +5,11 @@ backward. Baselines come from fastpair.reference (the tests' oracle), not re-wri
 optional imports: one that does not import is returned as skipped with the reason, never replaced.
 
     fastpair-torch       the blocked PyTorch backend (cpu, cuda)
+    fastpair-torch-ids   the same with positives by id: two crops of every clip (ids = arange(N) // 2) (cpu)
+    fastpair-torch-smooth  the same with label_smoothing=0.1 (cpu)
     fastpair-triton      the Triton kernels, fast path (cuda)
     fastpair-triton-det  the same under torch.use_deterministic_algorithms(True): atomic-free (cuda)
+    fastpair-triton-ids, fastpair-triton-smooth  the Triton kernels with ids / label smoothing (cuda)
     plain-pytorch        materialized N x N logits + F.cross_entropy both ways, input dtype (cpu, cuda)
     torch-compile        torch.compile of plain-pytorch, default options, one compiled function (cpu, cuda)
     open_clip-x3         open_clip ClipLoss once per pair (cuda)
@@ -18,6 +21,7 @@ optional imports: one that does not import is returned as skipped with the reaso
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -74,8 +78,18 @@ def gemm_floor(zs) -> Callable[[], None]:
     return floor
 
 
-def _fastpair(backend: str) -> Callable:
-    return lambda zs: pairwise_nce(*zs, temperature=TEMPERATURE, backend=backend)
+def _fastpair(backend: str, ids: bool = False, label_smoothing: float = 0.0) -> Callable:
+    def loss(zs):
+        clips = _clip_ids(zs[0].shape[0], zs[0].device) if ids else None
+        return pairwise_nce(*zs, temperature=TEMPERATURE, ids=clips, label_smoothing=label_smoothing, backend=backend)
+
+    return loss
+
+
+@functools.lru_cache(maxsize=8)
+def _clip_ids(n: int, device) -> torch.Tensor:
+    """Two crops of every clip: samples 2k and 2k + 1 share id k (made once per shape, as a data loader would)."""
+    return torch.arange(n, device=device) // 2
 
 
 def _plain(zs):
@@ -123,14 +137,18 @@ def _memeff() -> Callable:
     return lambda zs: sum(mem(zs[p], zs[q]) for p, q in PAIRS) / len(PAIRS)
 
 
-BOTH, CUDA = ("cpu", "cuda"), ("cuda",)
+BOTH, CPU, CUDA = ("cpu", "cuda"), ("cpu",), ("cuda",)
 # name, devices, builder of the loss (None: the floor), flags. The order is the run order on every device
 # (on CPU: floor, fastpair, compile, plain).
 _SPECS = [
     (FLOOR, BOTH, None, {}),
     ("fastpair-triton", CUDA, lambda: _fastpair("triton"), {}),
     ("fastpair-triton-det", CUDA, lambda: _fastpair("triton"), {"deterministic": True}),
+    ("fastpair-triton-ids", CUDA, lambda: _fastpair("triton", ids=True), {}),
+    ("fastpair-triton-smooth", CUDA, lambda: _fastpair("triton", label_smoothing=0.1), {}),
     ("fastpair-torch", BOTH, lambda: _fastpair("torch"), {}),
+    ("fastpair-torch-ids", CPU, lambda: _fastpair("torch", ids=True), {}),
+    ("fastpair-torch-smooth", CPU, lambda: _fastpair("torch", label_smoothing=0.1), {}),
     ("torch-compile", BOTH, _compiled, {"compiles": True}),
     ("plain-pytorch", BOTH, lambda: _plain, {}),
     ("open_clip-x3", CUDA, _open_clip, {}),

@@ -36,7 +36,9 @@ README_START, README_END = "<!-- bench:cpu:start -->", "<!-- bench:cpu:end -->"
 # The goals of docs/design.md per device: (N, D, numerator, denominator, bound) and (N, D, provider, MiB)
 GOALS = {"cpu": [(4096, 128, "fastpair-torch", "plain-pytorch", 0.5),
                  (4096, 128, "fastpair-torch", "gemm-floor", 1.2),
-                 (4096, 128, "fastpair-torch", "torch-compile", 1.15)]}
+                 (4096, 128, "fastpair-torch", "torch-compile", 1.15),
+                 (4096, 128, "fastpair-torch-ids", "fastpair-torch", 1.1),
+                 (4096, 128, "fastpair-torch-smooth", "fastpair-torch", 1.1)]}
 MEMORY_GOALS = {"cpu": [(16384, 128, "fastpair-torch", 160.0)]}
 
 

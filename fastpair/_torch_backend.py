@@ -29,6 +29,7 @@ import torch
 from . import distributed, epilogue
 from .call import Call
 from .numerics import LN2, LOG2E, NORM_EPS, exp_bound
+from .targets import Groups, add_target_grads, group_labels, target_terms
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,6 +65,8 @@ class Saved:
     plan: Plan
     stats: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]  # per pair (row, col) of _forward_pair
     coef: torch.Tensor  # (P,) the epilogue's coefficients
+    target_sums: torch.Tensor | None  # (P,) A of fastpair.targets over this process's valid rows, or None
+    labels: torch.Tensor | None  # group labels of the ids (fastpair.targets), or None
     in_dtype: torch.dtype  # the gradients' dtype
     num_embeddings: int
     temperature_meta: tuple[torch.dtype, torch.device] | None  # the temperature tensor's, when it learns
@@ -107,13 +110,19 @@ def _mask_bias(v: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(v).masked_fill_(v == 0, float("-inf"))
 
 
-def _forward_pair(x, y, v, scale, bounded, block, stats, buf, r0, r1):
+def _hits(ids, chosen: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Top-1 hits: the chosen sample is the row's own, or (with ids) shares its id."""
+    return chosen == rows if ids is None else ids[chosen] == ids[rows]
+
+
+def _forward_pair(x, y, v, scale, bounded, block, stats, ids, buf, r0, r1):
     """Statistics of the rows [r0, r1) of S = scale * x y^T over valid samples (v: 0/1 weights or None).
 
     Returns (row, col, row_hits, col_best, col_arg): row (r1 - r0,) and col (N,) are, bounded, sums of
     exp(S) and, online, log2-sum-exp2 of S*log2(e), the column ones over these rows only (all rows
     without a process group; otherwise merged across ranks by _merge_columns). For statistics: row_hits
-    (r1 - r0,) top-1 retrieval hits, and per column the best logit over these rows and its first row.
+    (r1 - r0,) top-1 retrieval hits (by ids when given), and per column the best logit over these rows
+    and its first row.
     """
     n = x.shape[0]
     xs = x[r0:r1] * (scale * LOG2E)  # S * log2(e) comes straight out of the matmul
@@ -134,7 +143,7 @@ def _forward_pair(x, y, v, scale, bounded, block, stats, buf, r0, r1):
         if stats:  # argmax over valid entries; exp2 below is monotone, so take it on the logits
             cand = s2 if v is None else s2 + _mask_bias(v)[None, :] + _mask_bias(v[i0:i1])[:, None]
             best = cand.argmax(dim=1)
-            row_hits[i0 - r0:i1 - r0] = (best == torch.arange(i0, i1, device=x.device)).to(x.dtype)
+            row_hits[i0 - r0:i1 - r0] = _hits(ids, best, torch.arange(i0, i1, device=x.device)).to(x.dtype)
             carg = cand.argmax(dim=0)  # first maximal row (max(dim) does not promise the first)
             cbest = cand.gather(0, carg[None, :]).squeeze(0)
             better = cbest > col_best  # strict: the first row block with the maximum wins
@@ -171,12 +180,13 @@ def _merge_columns(shard, cols: list, bounded: list[bool]) -> None:
             cols[i] = c[j]
 
 
-def _backward_pair(x, y, v, scale, bounded, block, row, col, c, gx, gy, want_dt, buf, tmp, r0, r1):
+def _backward_pair(x, y, v, scale, bounded, block, row, col, c, identity, gx, gy, want_dt, buf, tmp, r0, r1):
     """Accumulate dL/dx into gx and dL/dy into gy (w.r.t. the normalized inputs) from the rows [r0, r1).
 
     c: 0-d tensor, grad_output * w / (W * 2n) (0 when the pair has no valid sample); row: the (r1 - r0,)
-    row statistics, col: the (N,) column statistics of the whole batch.
-    With G = dL/dS: dL/dx = scale * G y, dL/dy = scale * G^T x; scale is folded into c.
+    row statistics, col: the (N,) column statistics of the whole batch. G = dL/dS = c (P + Q - 2T): with
+    identity targets T = I is applied here; otherwise G = c (P + Q) and fastpair.targets adds the T part.
+    dL/dx = scale * G y, dL/dy = scale * G^T x; scale is folded into c.
     Returns sum_ij G_ij S_ij = <dL/dx, x> over these rows (for dL/dt = -scale * that), or None.
     """
     n = x.shape[0]
@@ -213,7 +223,8 @@ def _backward_pair(x, y, v, scale, bounded, block, row, col, c, gx, gy, want_dt,
             torch.sub(g, col[None, :], out=t).exp2_()  # Q (column softmax), log2 domain
             g.sub_(row[local, None]).exp2_()  # P (row softmax)
             g.add_(t).mul_(cs)
-        g[:, i0:i1].diagonal().add_(diag[i0:i1])
+        if identity:
+            g[:, i0:i1].diagonal().add_(diag[i0:i1])
         if want_dt:
             dx = torch.mm(g, y)
             sgs = sgs + (dx * x[i0:i1]).sum()
@@ -237,6 +248,10 @@ class PairwiseNCEFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_pair_losses, _grad_accuracy):
         with torch.autocast(device_type=grad_loss.device.type, enabled=False):
             return _backward(ctx, grad_loss)
+
+
+def _groups(call: Call, labels, v, x: torch.Tensor) -> Groups:
+    return Groups.of(labels, v, x.shape[0], call.label_smoothing, x.dtype, x.device)
 
 
 def _valid(call: Call, k: int, cdtype: torch.dtype) -> torch.Tensor | None:
@@ -267,12 +282,14 @@ def _forward(ctx, plan: Plan, temperature, embeddings):
         p, q = call.pairs[k]
         v = valid[k]
         found[k] = _forward_pair(xs[p], xs[q], v, plan.scales[k], plan.bounded(k, cdtype), plan.block,
-                                 call.return_stats, buf, r0, r1)
+                                 call.return_stats, call.ids, buf, r0, r1)
     cols = [found[k][1] for k in active]
     _merge_columns(call.shard, cols, [plan.bounded(k, cdtype) for k in active])
 
-    # 2. per pair, at this process's rows: logsumexp of its row and of its column, S_ii, top-1 hits
-    lse_row, lse_col, diag = (torch.zeros(num_pairs, r1 - r0, dtype=cdtype, device=device) for _ in range(3))
+    # 2. per pair, at this process's rows: logsumexp of its row and of its column, the target terms
+    #    (S_ii twice, or those of fastpair.targets), top-1 hits
+    lse_row, lse_col, target = (torch.zeros(num_pairs, r1 - r0, dtype=cdtype, device=device) for _ in range(3))
+    labels = None if call.ids is None else group_labels(call.ids)
     hits = torch.zeros(2, num_pairs, dtype=cdtype, device=device) if call.return_stats else None
     stats = [None] * num_pairs
     for k, col in zip(active, cols):
@@ -282,7 +299,10 @@ def _forward(ctx, plan: Plan, temperature, embeddings):
         if not plan.bounded(k, cdtype) and v is not None:  # invalid samples: finite placeholders, never used
             row = torch.where(v[r0:r1] > 0, row, torch.zeros_like(row))
             col = torch.where(v > 0, col, torch.zeros_like(col))
-        diag[k] = (xs[p][r0:r1] * xs[q][r0:r1]).sum(dim=1) * plan.scales[k]
+        if call.identity_targets:
+            target[k] = 2.0 * ((xs[p][r0:r1] * xs[q][r0:r1]).sum(dim=1) * plan.scales[k])
+        else:
+            target[k] = target_terms(xs[p], xs[q], _groups(call, labels, v, xs[p]), plan.scales[k], r0, r1)
         if plan.bounded(k, cdtype):
             lse_row[k], lse_col[k] = torch.log(row), torch.log(col[r0:r1])
         else:
@@ -290,16 +310,17 @@ def _forward(ctx, plan: Plan, temperature, embeddings):
         if hits is not None:
             if call.shard is not None:
                 col_arg = distributed.merge_first_argmax(call.shard, col_best, col_arg)
-            col_hit = (col_arg[r0:r1] == torch.arange(r0, r1, device=device)).to(cdtype)
+            col_hit = _hits(call.ids, col_arg[r0:r1], torch.arange(r0, r1, device=device)).to(cdtype)
             hits[0, k] = row_hits.sum() if v is None else row_hits @ v[r0:r1]
             hits[1, k] = col_hit.sum() if v is None else col_hit @ v[r0:r1]
         stats[k] = (row, col)
 
     # 3. the shared epilogue: the loss (W times this process's share under a group), stats, coefficients
-    done = epilogue.finish(call, n, lse_row, lse_col, diag, hits)
+    done = epilogue.finish(call, n, lse_row, lse_col, target, hits)
     meta = (temperature.dtype, temperature.device) if temperature is not None else None
-    ctx.saved = Saved(plan=plan, stats=tuple(stats), coef=done.coef, in_dtype=in_dtype,
-                      num_embeddings=len(embeddings), temperature_meta=meta)
+    sums = None if call.identity_targets else epilogue.valid_row_sums(call, n, target)
+    ctx.saved = Saved(plan=plan, stats=tuple(stats), coef=done.coef, target_sums=sums, labels=labels,
+                      in_dtype=in_dtype, num_embeddings=len(embeddings), temperature_meta=meta)
     ctx.save_for_backward(*xs, *(inv if inv is not None else torch.empty(0) for inv in invs))
     ctx.mark_non_differentiable(done.pair_losses, done.accuracy)
     return done.loss, done.pair_losses, done.accuracy
@@ -328,9 +349,15 @@ def _backward(ctx, grad_loss):
         row, col = saved.stats[k]
         v = _valid(call, k, cdtype)
         sgs = _backward_pair(xs[p], xs[q], v, plan.scales[k], plan.bounded(k, cdtype), plan.block, row, col,
-                             coef[k], grads[p], grads[q], want_dt, buf, tmp, r0, r1)
+                             coef[k], call.identity_targets, grads[p], grads[q], want_dt, buf, tmp, r0, r1)
         # dL/dt = -(1/t) sum_ij G_ij S_ij = -scale * <dL/dx, x> (before the normalization backward)
-        dts.append(-plan.scales[k] * sgs if want_dt else None)
+        dt = -plan.scales[k] * sgs if want_dt else None
+        if not call.identity_targets:  # the T part of G: -2 c T, through fastpair.targets
+            groups = _groups(call, saved.labels, v, xs[p])
+            add_target_grads(xs[p], xs[q], groups, -coef[k] * plan.scales[k], grads[p], grads[q], r0, r1)
+            if want_dt:  # the loss holds -c A, and A is proportional to 1/t
+                dt = dt + coef[k] * saved.target_sums[k] * plan.scales[k]
+        dts.append(dt)
 
     if call.normalize:
         grads = [_normalize_backward(gr, x, inv) for gr, x, inv in zip(grads, xs, invs)]

@@ -53,15 +53,22 @@ class Call:
     """Everything a backend needs besides the embeddings, checked. `shard` is set under a process group
     (fastpair.distributed): the embeddings and the mask are then the gathered global batch."""
 
-    pairs: tuple[tuple[int, int], ...]
+    pairs: tuple[tuple[int, int], ...]  # (p, q): p is the "x" side
     temperature: Temperature
     weights: tuple[float, ...]
     mask: torch.Tensor | None
+    ids: torch.Tensor | None  # (N,) int: equal ids are positives of each other; None: each sample alone
+    label_smoothing: float
     normalize: bool
     return_stats: bool
     backend: str  # "torch" or "triton": resolved from "auto"
     block_size: int | None  # rows per block of the torch backend (None: its default)
     shard: Shard | None = None  # this rank's rows of the gathered batch; None without a process group
+
+    @property
+    def identity_targets(self) -> bool:
+        """Each row's target is its own column alone (no ids, no smoothing): the loss of section 1."""
+        return self.ids is None and self.label_smoothing == 0.0
 
     @property
     def world(self) -> int:
@@ -74,24 +81,77 @@ class Call:
         return self.shard.offset, self.shard.offset + self.shard.rows
 
 
-def describe(embeddings, temperature, weights, mask, normalize, return_stats, backend, block_size) -> Call:
+def describe(embeddings, temperature, weights, mask, normalize, return_stats, backend, block_size, pairs=None,
+             ids=None, label_smoothing=0.0) -> Call:
     """Check one call of pairwise_nce; raise ValueError/TypeError (RuntimeError: Triton missing) that says
     what was expected."""
     check_embeddings(embeddings)
     num_modalities = len(embeddings)
-    pairs = tuple(modality_pairs(num_modalities))
+    pairs = check_pairs(pairs, num_modalities)
     z = embeddings[0]
     temperature = _temperature(temperature, len(pairs))
     weights = tuple(check_weights(weights, len(pairs)))
     if mask is not None:
         _check_mask(mask, num_modalities, z.shape[0], z.device)
+    if ids is not None:
+        _check_ids(ids, z.shape[0], z.device)
+    label_smoothing = check_label_smoothing(label_smoothing)
     _check_flag("normalize", normalize)
     _check_flag("return_stats", return_stats)
     check_backend(backend)
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    return Call(pairs=pairs, temperature=temperature, weights=weights, mask=mask, normalize=normalize,
-                return_stats=return_stats, backend=_resolve_backend(backend, z), block_size=block_size)
+    return Call(pairs=pairs, temperature=temperature, weights=weights, mask=mask, ids=ids,
+                label_smoothing=label_smoothing, normalize=normalize, return_stats=return_stats,
+                backend=_resolve_backend(backend, z), block_size=block_size)
+
+
+def check_pairs(pairs, num_modalities: int) -> tuple[tuple[int, int], ...]:
+    """A non-empty sequence of (p, q), 0 <= p, q < M, p != q, each unordered pair once (None: all of them)."""
+    if pairs is None:
+        return tuple(modality_pairs(num_modalities))
+    expected = f"a list of (p, q) modality index pairs with 0 <= p, q < {num_modalities} and p != q"
+    if isinstance(pairs, (str, bytes, torch.Tensor)) or not isinstance(pairs, Sequence):
+        raise TypeError(f"pairs must be {expected}, got {type(pairs).__name__}")
+    if len(pairs) == 0:
+        raise ValueError(f"pairs must not be empty: expected {expected}")
+    out, seen = [], {}
+    for k, pair in enumerate(pairs):
+        if (isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2
+                or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in pair)):
+            raise TypeError(f"pairs must be {expected}; entry {k} is {pair!r}")
+        p, q = int(pair[0]), int(pair[1])
+        if not (0 <= p < num_modalities and 0 <= q < num_modalities):
+            raise ValueError(f"pairs must be {expected}; entry {k} is ({p}, {q}), out of range")
+        if p == q:
+            raise ValueError(f"pairs must be {expected}; entry {k} pairs modality {p} with itself")
+        key = (min(p, q), max(p, q))
+        if key in seen:
+            raise ValueError(f"pairs must hold each pair once (a pair and its reverse are the same pair); "
+                             f"entries {seen[key]} and {k} are both {key}")
+        seen[key] = k
+        out.append((p, q))
+    return tuple(out)
+
+
+def check_label_smoothing(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"label_smoothing must be a number in [0, 1), got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise ValueError(f"label_smoothing must be finite and in [0, 1), got {value}")
+    return value
+
+
+def _check_ids(ids, n: int, device: torch.device) -> None:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"ids must be an int32 or int64 tensor of shape (N,) = ({n},), got {type(ids).__name__}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"ids must have dtype torch.int32 or torch.int64, got {ids.dtype}")
+    if tuple(ids.shape) != (n,):
+        raise ValueError(f"ids must have shape (N,) = ({n},), got {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"ids must be on the embeddings' device {device}, got {ids.device}")
 
 
 def check_embeddings(embeddings) -> None:

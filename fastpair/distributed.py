@@ -3,11 +3,13 @@
 Every rank passes its local batch (N_r samples; sizes may differ). For a world size W > 1, one call does:
 
 1. ``exchange``: one all_gather of a small int64 header per rank (valid input?, N_r, D, M, dtype, mask?,
-   backend). Every rank then checks every header, so an input that is bad on one rank, or D, M, dtype or
-   backend that differ between ranks, raise the same kind of error on every rank instead of leaving the
+   backend, ids?, the pairs' checksum, label smoothing's bits). Every rank then checks every header, so
+   an input that is bad on one rank, or D, M, dtype, backend, pairs or label smoothing that differ between
+   ranks, or ids on some ranks only, raise the same kind of error on every rank instead of leaving the
    others waiting in a collective. The header is copied to the host (one small sync per call).
 2. ``gather``: each modality is all-gathered (padded to the largest N_r) into the global batch
-   (N = sum N_r rows, ranks in order), with autograd; the mask likewise, without. The backward of the
+   (N = sum N_r rows, ranks in order), with autograd; the mask and the ids likewise, without (ids are
+   then compared across the whole global batch). The backward of the
    gather sums every rank's gradient of this rank's rows (reduce-scatter on NCCL, all-reduce elsewhere),
    in fp32 (float64 for float64 inputs).
 3. The backend computes the rows of the global similarity matrix S that belong to this rank's samples
@@ -27,6 +29,8 @@ DistributedDataParallel's averaging gives the single-process parameter gradients
 from __future__ import annotations
 
 import dataclasses
+import struct
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +38,11 @@ import torch.distributed as dist
 
 from .call import FLOAT_DTYPES as _DTYPES  # the header's dtype codes are positions in this tuple
 
-# Header fields, one int64 each: ok, N_r, D, M, dtype code, has mask, backend code (0 torch, 1 triton)
-_HEADER = 7
+# Header fields, one int64 each: ok, N_r, D, M, dtype code, has mask, backend code (0 torch, 1 triton),
+# has ids, crc32 of the pairs, the bits of label_smoothing as a float64
+_HEADER = 10
+_AGREED = (("embedding dimension D", 2), ("number of modalities M", 3), ("dtype", 4),
+           ("backend (torch or triton)", 6), ("ids (all ranks or none)", 7), ("pairs", 8), ("label_smoothing", 9))
 
 
 @dataclass(frozen=True, eq=False)
@@ -69,12 +76,13 @@ def world_size(group) -> int:
 def gather_call(group, embeddings, call, error: Exception | None):
     """Under a group of W > 1 ranks: agree on every rank's input (raise on every rank if any is bad), then
     return the gathered global batch (with autograd) and the call with the global mask and this rank's Shard."""
-    mask = None if call is None else call.mask
-    shard = exchange(group, embeddings, mask, call is not None and call.backend == "triton", error)
+    shard = exchange(group, embeddings, call, error)
     embeddings = [_GatherWithGrad.apply(shard, z) for z in embeddings]
+    mask = call.mask
     if shard.masked:
         mask = gather_mask(mask, len(embeddings), shard, embeddings[0].device)
-    return embeddings, dataclasses.replace(call, mask=mask, shard=shard)
+    ids = None if call.ids is None else gather_rows(shard, call.ids)
+    return embeddings, dataclasses.replace(call, mask=mask, ids=ids, shard=shard)
 
 
 def comm_device(group, tensors=()) -> torch.device:
@@ -87,14 +95,16 @@ def comm_device(group, tensors=()) -> torch.device:
     return torch.device("cpu")
 
 
-def exchange(group, embeddings, mask, use_triton: bool, error: Exception | None) -> Shard:
+def exchange(group, embeddings, call, error: Exception | None) -> Shard:
     """Share every rank's header, check them all; raise on every rank if any rank's input is bad."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     header = [0] * _HEADER
     if error is None:
         z = embeddings[0]
-        header = [1, z.shape[0], z.shape[1], len(embeddings), _DTYPES.index(z.dtype), int(mask is not None),
-                  int(use_triton)]
+        eps_bits = struct.unpack("<q", struct.pack("<d", call.label_smoothing))[0]
+        header = [1, z.shape[0], z.shape[1], len(embeddings), _DTYPES.index(z.dtype), int(call.mask is not None),
+                  int(call.backend == "triton"), int(call.ids is not None), zlib.crc32(repr(call.pairs).encode()),
+                  eps_bits]
     device = comm_device(group, embeddings)
     mine = torch.tensor(header, dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(world)]
@@ -106,11 +116,14 @@ def exchange(group, embeddings, mask, use_triton: bool, error: Exception | None)
     if bad:
         raise ValueError(f"pairwise_nce(group=...): the input on rank(s) {bad} is invalid (their error says why); "
                          f"every rank stops so that none waits in a collective")
-    for name, i in (("embedding dimension D", 2), ("number of modalities M", 3), ("dtype", 4),
-                    ("backend (torch or triton)", 6)):
+    for name, i in _AGREED:
         values = [h[i] for h in rows]
         if len(set(values)) > 1:
             shown = [str(_DTYPES[v]) for v in values] if i == 4 else values
+            if i == 9:
+                shown = [struct.unpack("<d", struct.pack("<q", v))[0] for v in values]
+            if i == 8:
+                shown = f"checksums {shown}"
             raise ValueError(f"pairwise_nce(group=...): every rank must pass the same {name}; per rank: {shown}")
     return Shard(group=group, rank=rank, sizes=tuple(h[1] for h in rows), masked=any(h[5] for h in rows))
 

@@ -3,17 +3,18 @@
 A backend hands over, for every pair k = (p, q) and each row i this process computes (rows [r0, r1) of
 the batch: all N, or one rank's share under a process group), in natural-log units:
 
-    lse_row[k, i] = logsumexp_{j in V_k} S_ij,   lse_col[k, i] = logsumexp_{j in V_k} S_ji,   diag[k, i] = S_ii
+    lse_row[k, i] = logsumexp_{j in V_k} S_ij,   lse_col[k, i] = logsumexp_{j in V_k} S_ji,
+    target[k, i]  = sum_j T_ij S_ij + sum_j T_ji S_ji       (2 S_ii by default; fastpair.targets otherwise)
 
 and, with return_stats, its top-1 hit counts over those rows. From them, with n_k = |V_k| over the whole
 batch and W the world size:
 
-    local_k = sum_{i in V_k, r0 <= i < r1} (lse_row + lse_col - 2 S_ii) / (2 n_k)     this process's share of L_k
+    local_k = sum_{i in V_k, r0 <= i < r1} (lse_row + lse_col - target) / (2 n_k)     this process's share of L_k
     loss    = W * sum_k w'_k local_k / sum_k w'_k,        w'_k = w_k [n_k > 0]        (0 when every n_k = 0)
     coef_k  = W w'_k / (sum_k w'_k * 2 n_k)
 
 Each rank returns W times its share, so the mean over ranks is the loss of the whole batch
-(fastpair.distributed). coef_k is d loss / d(a term of pair k): the backward's dL/dS = g coef_k (P + Q - 2I)
+(fastpair.distributed). coef_k is d loss / d(a term of pair k): the backward's dL/dS = g coef_k (P + Q - 2T)
 for an incoming gradient g. Without a process group W = 1, r0 = 0, r1 = N and local_k = L_k.
 """
 
@@ -36,19 +37,18 @@ class Finished:
     coef: torch.Tensor  # (P,) compute dtype, for the backward
 
 
-def finish(call: Call, n: int, lse_row, lse_col, diag, hits=None, unit: float = 1.0) -> Finished:
-    """lse_row, lse_col, diag: (P, rows) in the compute dtype, rows = this process's rows, in units of
-    `unit` nats (1: natural logs; ln 2: base-2 logs, converted once, after the sum); hits: (2, P) this
-    process's row hits x->y and y->x (counts over its valid rows), or None without return_stats."""
-    r0, r1 = call.rows(n)
+def finish(call: Call, n: int, lse_row, lse_col, target, hits=None, unit: float = 1.0) -> Finished:
+    """lse_row, lse_col, target: (P, rows) in the compute dtype, rows = this process's rows, in units of
+    `unit` nats (1: natural logs; ln 2: base-2 logs, converted once, after the sum); target: the row's two
+    target terms (2 S_ii, or fastpair.targets'); hits: (2, P) this process's row hits x->y and y->x
+    (counts over its valid rows), or None without return_stats."""
     dtype, device = lse_row.dtype, lse_row.device
-    terms = lse_row + lse_col - 2.0 * diag
+    terms = lse_row + lse_col - target
     if unit != 1.0:
         terms = terms * unit
+    terms = _valid_rows(call, n, terms)
     if call.mask is not None:
-        valid = pair_valid(call.mask, call.pairs)
-        terms = torch.where(valid[:, r0:r1], terms, torch.zeros_like(terms))
-        counts = valid.sum(dim=1).to(dtype)
+        counts = pair_valid(call.mask, call.pairs).sum(dim=1).to(dtype)
     else:
         counts = torch.full((len(call.pairs),), float(n), dtype=dtype, device=device)
     local = terms.sum(dim=1) / (2.0 * counts.clamp_min(1.0))
@@ -65,3 +65,16 @@ def finish(call: Call, n: int, lse_row, lse_col, diag, hits=None, unit: float = 
             sums = distributed.all_reduce(call.shard, sums)
         pair_losses, accuracy = sums[0], (sums[1:].T / counts.clamp_min(1.0)[:, None]).float()
     return Finished(loss, pair_losses.detach().float(), accuracy, coef)
+
+
+def valid_row_sums(call: Call, n: int, values: torch.Tensor) -> torch.Tensor:
+    """(P,): the sums of (P, rows) values over this process's rows of each pair's valid samples."""
+    return _valid_rows(call, n, values).sum(dim=1)
+
+
+def _valid_rows(call: Call, n: int, values: torch.Tensor) -> torch.Tensor:
+    """(P, rows) values with 0 at the rows outside each pair's valid samples."""
+    if call.mask is None:
+        return values
+    r0, r1 = call.rows(n)
+    return torch.where(pair_valid(call.mask, call.pairs)[:, r0:r1], values, torch.zeros_like(values))

@@ -21,6 +21,9 @@ def pairwise_nce(
     weights: Sequence[float] | torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     normalize: bool = True,
+    pairs: Sequence[tuple[int, int]] | None = None,
+    ids: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
     backend: str = "auto",
     group: ProcessGroup | None = None,
     return_stats: bool = False,
@@ -31,12 +34,20 @@ def pairwise_nce(
     Args:
         *embeddings: M >= 2 tensors of shape (N, D), one per modality (e.g. text, audio, vision), same
             N, D, dtype (float32, float16, bfloat16 or float64) and device; any strides.
-        temperature: float, 0-d tensor, or 1-d tensor with one entry per pair (P = M(M-1)/2). A tensor
+        temperature: float, 0-d tensor, or 1-d tensor with one entry per pair (P pairs). A tensor
             that requires grad receives dL/dt (learnable shared or per-pair temperature).
         weights: optional sequence (or 1-d tensor) of P non-negative numbers, not all zero.
         mask: optional bool tensor (M, N); ``mask[m, i] = False`` marks modality m of sample i as missing:
             it takes part in no pair and gets a zero gradient.
         normalize: L2-normalize every embedding first (cosine similarities), as CLIP does.
+        pairs: which modality pairs are contrasted, a list of (p, q) in the order per-pair arguments and
+            statistics follow (default: ``itertools.combinations(range(M), 2)``, P = M(M-1)/2); an anchor
+            topology such as ImageBind's is ``[(0, 1), (0, 2), ...]``. Each unordered pair at most once.
+        ids: optional int32/int64 tensor (N,): samples with equal ids are positives of each other in every
+            pair (several crops of one clip; samples sharing a label). Under a group, the local samples'
+            ids, compared across the whole global batch.
+        label_smoothing: eps in [0, 1): each row's target is (1 - eps) uniform over its positives plus eps
+            uniform over the pair's valid samples, as ``F.cross_entropy(label_smoothing=eps)`` does.
         backend: "auto" (Triton kernels for CUDA tensors when available, else "torch"), "torch" (exact
             pure PyTorch, any device) or "triton".
         group: a torch.distributed process group of W ranks: negatives from every rank. Each rank passes
@@ -51,10 +62,12 @@ def pairwise_nce(
             per-pair losses and top-1 in-batch retrieval accuracy x->y, y->x (0 for a pair with no valid sample).
         block_size: rows per block of the torch backend (default: about 2^21 logits per block).
 
-    Pairs are ``itertools.combinations(range(M), 2)``. For pair (p, q) over its valid samples V (n = |V|),
-    with x, y the normalized z_p, z_q and S_ij = <x_i, y_j> / t_pq:
+    For pair (p, q) over its valid samples V (n = |V|), with x, y the normalized z_p, z_q,
+    S_ij = <x_i, y_j> / t_pq, positives P(i) = {j in V : ids_j == ids_i} (by default {i}) and eps:
 
-        L_pq = 1/(2n) sum_{i in V} [(logsumexp_j S_ij - S_ii) + (logsumexp_j S_ji - S_ii)]
+        l_i  = logsumexp_{j in V} S_ij - (1 - eps) mean_{j in P(i)} S_ij - eps mean_{j in V} S_ij
+        l'_j = logsumexp_{i in V} S_ij - (1 - eps) mean_{i in P(j)} S_ij - eps mean_{i in V} S_ij
+        L_pq = (sum_{i in V} l_i + sum_{j in V} l'_j) / (2n)
         loss = sum_pq w_pq L_pq / sum_pq w_pq      (over pairs with n > 0; 0 if there is none)
 
     Returns:
@@ -63,7 +76,7 @@ def pairwise_nce(
     world = 1 if group is None else distributed.world_size(group)
     try:
         call, error = describe(embeddings, temperature, weights, mask, normalize, return_stats, backend,
-                               block_size), None
+                               block_size, pairs, ids, label_smoothing), None
     except (ValueError, TypeError, RuntimeError) as err:
         if world == 1:
             raise

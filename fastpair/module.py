@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .call import check_backend, check_temperatures, check_weights, modality_pairs
+from .call import check_backend, check_label_smoothing, check_pairs, check_temperatures, check_weights
 from .loss import pairwise_nce
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ class PairwiseNCE(nn.Module):
         weights: Sequence[float] | None = None,
         max_logit_scale: float = 100.0,
         normalize: bool = True,
+        pairs: Sequence[tuple[int, int]] | None = None,
+        label_smoothing: float = 0.0,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -45,7 +47,9 @@ class PairwiseNCE(nn.Module):
             raise ValueError(f"max_logit_scale must be a number > 0, got {max_logit_scale!r}")
         check_backend(backend)
         self.num_modalities = num_modalities
-        self.num_pairs = len(modality_pairs(num_modalities))
+        self.pairs = check_pairs(pairs, num_modalities)
+        self.num_pairs = len(self.pairs)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
         self.max_logit_scale = float(max_logit_scale)
         self.normalize = normalize
         self.backend = backend
@@ -68,6 +72,7 @@ class PairwiseNCE(nn.Module):
         self,
         *embeddings: torch.Tensor,
         mask: torch.Tensor | None = None,
+        ids: torch.Tensor | None = None,
         group: ProcessGroup | None = None,
         return_stats: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -77,11 +82,15 @@ class PairwiseNCE(nn.Module):
             weights=self.weights,
             mask=mask,
             normalize=self.normalize,
+            pairs=self.pairs,
+            ids=ids,
+            label_smoothing=self.label_smoothing,
             backend=self.backend,
             group=group,
             return_stats=return_stats,
         )
 
     def extra_repr(self) -> str:
-        return (f"num_modalities={self.num_modalities}, temperature_shape={tuple(self.log_temperature.shape)}, "
-                f"max_logit_scale={self.max_logit_scale}, backend={self.backend!r}")
+        return (f"num_modalities={self.num_modalities}, pairs={list(self.pairs)}, "
+                f"temperature_shape={tuple(self.log_temperature.shape)}, max_logit_scale={self.max_logit_scale}, "
+                f"label_smoothing={self.label_smoothing}, backend={self.backend!r}")

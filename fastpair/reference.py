@@ -21,13 +21,21 @@ def pairwise_nce_reference(
     normalize: bool = True,
     upcast: bool = True,
     return_stats: bool = False,
+    pairs=None,
+    ids: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ):
-    pairs = list(itertools.combinations(range(len(embeddings)), 2))
+    """The loss of docs/design.md, materialized. With ids or label smoothing, each direction is
+    F.cross_entropy against the target matrix T (T_ij = (1 - eps) [ids_i == ids_j] / |P(i)| + eps / n, a
+    distribution over the valid columns); without, against the diagonal, as plain PyTorch would."""
+    pairs = list(pairs) if pairs is not None else list(itertools.combinations(range(len(embeddings)), 2))
     dtype = torch.float64 if upcast else embeddings[0].dtype
     zs = [z.to(dtype) for z in embeddings]
     xs = [F.normalize(z, dim=1, eps=1e-12) for z in zs] if normalize else zs
     if isinstance(temperature, torch.Tensor):
         temps = temperature.to(dtype).reshape(-1).expand(len(pairs))
+    elif isinstance(temperature, (list, tuple)):
+        temps = [float(t) for t in temperature]
     else:
         temps = [float(temperature)] * len(pairs)
     ws = [float(w) for w in weights] if weights is not None else [1.0] * len(pairs)
@@ -35,9 +43,11 @@ def pairwise_nce_reference(
     losses, accs, used = [], [], []
     for k, (p, q) in enumerate(pairs):
         x, y = xs[p], xs[q]
+        pair_ids = ids
         if mask is not None:
             valid = mask[p] & mask[q]
             x, y = x[valid], y[valid]
+            pair_ids = None if ids is None else ids[valid]
         n = x.shape[0]
         if n == 0:
             losses.append(zs[0].new_zeros(()))
@@ -45,12 +55,19 @@ def pairwise_nce_reference(
             used.append(0.0)
             continue
         logits = x @ y.T / temps[k]
-        labels = torch.arange(n, device=x.device)
-        losses.append((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2)
+        same = torch.eye(n, dtype=torch.bool, device=x.device) if pair_ids is None else \
+            pair_ids[:, None] == pair_ids[None, :]
+        if pair_ids is None and label_smoothing == 0.0:
+            labels = torch.arange(n, device=x.device)
+            losses.append((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2)
+        else:
+            target = (1.0 - label_smoothing) * same.to(dtype) / same.sum(dim=1, keepdim=True) + label_smoothing / n
+            losses.append((F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T)) / 2)
         if return_stats:  # only when asked: an argmax pass and a host sync are no part of the loss
             with torch.no_grad():
-                accs.append([(logits.argmax(1) == labels).double().mean().item(),
-                             (logits.argmax(0) == labels).double().mean().item()])
+                rows = same.gather(1, logits.argmax(1)[:, None]).squeeze(1)
+                cols = same.gather(0, logits.argmax(0)[None, :]).squeeze(0)
+                accs.append([rows.double().mean().item(), cols.double().mean().item()])
         used.append(ws[k])
     total = sum(used)
     if total == 0:

@@ -16,8 +16,10 @@ the logits are bounded (normalized inputs and 1/t <= 60: |S| <= 1/t, exp2 needs 
 launches one direction and adds each tile's column sums of exp2(S2) into an fp32 buffer with atomics
 (1 pass per pair; not bitwise reproducible).
 
-Backward, G = dL/dS = c_k (P + Q - 2I) (c_k: the epilogue's coefficient times the incoming gradient),
-P = exp2(S2 - lse2_row[i]), Q = exp2(S2 - lse2_col[j]); when bounded one exp2 serves both:
+Backward, G = dL/dS = c_k (P + Q - 2T) (c_k: the epilogue's coefficient times the incoming gradient; T
+the targets: I by default, in which case the kernel subtracts it; with ids or label smoothing the host adds
+the T part, O(N*D), fastpair.targets), P = exp2(S2 - lse2_row[i]), Q = exp2(S2 - lse2_col[j]); when
+bounded one exp2 serves both:
 G = c E (2^-lse2_row[i] + 2^-lse2_col[j]). `grad_panel_kernel` recomputes the tiles of one row panel and
 writes W = diag(r_p) G diag(r_q) / t (input dtype); two GEMMs on the host then give both gradients
 (atomic-free, deterministic). dL/dt_k = -s_k sum_ij G_ij S_ij is reduced from the tiles, no extra pass.
@@ -76,7 +78,7 @@ def _valid(valid_ptr, a, b, offs, N, HAS_MASK: tl.constexpr):
 # tile loads use the strides, which stay specialized).
 @triton.jit(do_not_specialize=["N", "ROW0", "N_ROWS", "N_BUCKET", "D_BUCKET"])
 def fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, dir_ptr,
-                lse_ptr, diag_ptr, hit_ptr, colsum_ptr,
+                lse_ptr, diag_ptr, arg_ptr, colsum_ptr,
                 N, ROW0, N_ROWS, D, stride_m, stride_n, N_BUCKET, D_BUCKET,
                 HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, ATOMIC_COLS: tl.constexpr, STATS: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -133,19 +135,21 @@ def fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, dir_ptr,
     tl.store(lse_ptr + out, lse, mask=in_rows)
     tl.store(diag_ptr + out, diag, mask=in_rows)
     if STATS:
-        tl.store(hit_ptr + out, ((best_idx == offs_m) & row_ok).to(tl.float32), mask=in_rows)
+        tl.store(arg_ptr + out, best_idx, mask=in_rows)  # the host compares it with the row (or its id)
 
 
 @triton.jit(do_not_specialize=["N", "k", "row0", "rows", "N_BUCKET", "D_BUCKET"])
 def grad_panel_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, lse_ptr, w_ptr, sgs_ptr, pair_ptr,
                        k, row0, rows, N, D, stride_m, stride_n, N_BUCKET, D_BUCKET,
                        HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, NEEDS_DT: tl.constexpr,
+                       IDENTITY: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        INPUT_PRECISION: tl.constexpr):
     """One tile of W = diag(r_p) G diag(r_q) / t for the row panel [row0, row0 + rows) of pair k = (p, q).
 
-    G = dL/dS = c_k (P + Q - 2I) from the saved row (2k) and column (2k+1) log2-sum-exp2. The panel then
-    feeds two dense GEMMs on the host: dX_p[panel] r_p = W z_q and dX_q r_q += W^T z_p[panel].
+    G = dL/dS = c_k (P + Q - 2I) (IDENTITY) or c_k (P + Q) from the saved row (2k) and column (2k+1)
+    log2-sum-exp2. The panel then feeds two dense GEMMs on the host: dX_p[panel] r_p = W z_q and
+    dX_q r_q += W^T z_p[panel].
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -168,7 +172,9 @@ def grad_panel_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, lse_ptr
         g = tl.exp2(s2 - lse_row[:, None]) + tl.exp2(s2 - lse_col[None, :])
     ok = row_ok[:, None] & col_ok[None, :]
     g = tl.where(ok, g, 0.0)
-    g = tl.where(ok & (offs_m[:, None] == offs_n[None, :]), g - 2.0, g) * tl.load(coef_ptr + k)
+    if IDENTITY:  # T = I; other targets' part of G is added on the host (fastpair.targets)
+        g = tl.where(ok & (offs_m[:, None] == offs_n[None, :]), g - 2.0, g)
+    g = g * tl.load(coef_ptr + k)
     if NEEDS_DT:
         tl.store(sgs_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * s2, axis=1), axis=0))
     w = g * (ra * (scale2 * 0.6931471805599453))[:, None] * rb[None, :]

@@ -38,12 +38,12 @@ class Staged:
 @dataclass(frozen=True)
 class Swept:
     """The forward's statistics of rows [row0, row0 + rows), base 2: per swept direction (p, q) (and
-    (q, p) on the two-direction path) the row log2-sum-exp2, S2_ii and top-1 hits; on the fast path
-    the column sums of exp2(S2) over these rows, (P, N)."""
+    (q, p) on the two-direction path) the row log2-sum-exp2, S2_ii and the first argmax (int32, global
+    index); on the fast path the column sums of exp2(S2) over these rows, (P, N)."""
 
     lse: torch.Tensor
     diag: torch.Tensor
-    hits: torch.Tensor | None
+    args: torch.Tensor | None
     colsum: torch.Tensor | None
 
 
@@ -90,18 +90,18 @@ def forward(staged: Staged, bounded: bool, stats: bool, deterministic: bool, row
     num_dir = len(directed)
     lse = torch.empty(num_dir, rows, dtype=torch.float32, device=device)
     diag = torch.empty(num_dir, rows, dtype=torch.float32, device=device)
-    hits = torch.empty(num_dir, rows, dtype=torch.float32, device=device) if stats else lse
+    args = torch.empty(num_dir, rows, dtype=torch.int32, device=device) if stats else lse
     colsum = torch.zeros(len(pairs), n, dtype=torch.float32, device=device) if atomic else lse
     # cfg: explicit tiles (bench/tune_gpu.py); by default the autotuned kernel picks them
     kernel, tiles = (tuning.fwd_tuned, {}) if cfg is None else (fwd_kernel, cfg)
     kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), num_dir)](
         z, staged.rnorm, staged.valid, staged.scale2, constant(tuple(directed), torch.int32, str(device)),
-        lse, diag, hits, colsum,
+        lse, diag, args, colsum,
         n, row0, rows, d, z.stride(0), z.stride(1), *tuning.buckets(n, d),
         HAS_MASK=staged.has_mask, BOUNDED=bounded, ATOMIC_COLS=atomic, STATS=stats,
         INPUT_PRECISION=input_precision(staged.in_dtype), **tiles,
     )
-    return Swept(lse, diag, hits if stats else None, colsum if atomic else None)
+    return Swept(lse, diag, args if stats else None, colsum if atomic else None)
 
 
 def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -126,11 +126,12 @@ def _panel_shape(n: int, span: int, elem_bytes: int, cfg, panel_rows) -> tuple[i
 
 
 def backward(staged: Staged, lse: torch.Tensor, coef: torch.Tensor, bounded: bool, needs_dt: bool,
-             row0: int = 0, rows: int | None = None, cfg=None, panel_rows=None):
+             identity: bool = True, row0: int = 0, rows: int | None = None, cfg=None, panel_rows=None):
     """dL/dx times r = 1/max(||z||, eps) per row (fp32, (M, N, D)) and per pair sum_ij G_ij S2_ij (or None).
 
     lse: (2P, N) base-2 statistics (row 2k: pair k's rows, read at rows [row0, row0 + rows); row 2k+1:
-    its columns, read everywhere); coef: (P,) the incoming gradient times the epilogue's coefficients.
+    its columns, read everywhere); coef: (P,) the incoming gradient times the epilogue's coefficients;
+    identity: G holds the -2I of identity targets (otherwise the caller adds the targets' part).
     Per pair and row panel, one launch writes the panel of W = diag(r_p) G diag(r_q) / t (recomputing S),
     then two GEMMs take it to both gradients: the 4 N x N x D passes of the floor per pair, plus writing
     and twice reading W. Deterministic: no atomics, fixed summation order (cuBLAS needs
@@ -155,7 +156,7 @@ def backward(staged: Staged, lse: torch.Tensor, coef: torch.Tensor, bounded: boo
             kernel[lambda meta, r=r: (triton.cdiv(r, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
                 z, staged.rnorm, staged.valid, staged.scale2, coef, lse, w, part, pair_table,
                 k, start, r, n, d, z.stride(0), z.stride(1), *tuning.buckets(n, d),
-                HAS_MASK=staged.has_mask, BOUNDED=bounded, NEEDS_DT=needs_dt,
+                HAS_MASK=staged.has_mask, BOUNDED=bounded, NEEDS_DT=needs_dt, IDENTITY=identity,
                 INPUT_PRECISION=input_precision(staged.in_dtype), **tiles,
             )
             if needs_dt:

@@ -14,24 +14,30 @@ from dataclasses import dataclass
 import torch
 
 from fastpair import distributed, epilogue
-from fastpair.call import Call, Temperature, modality_pairs, read_temperatures
+from fastpair.call import Call, Temperature, read_temperatures
 from fastpair.numerics import LN2, LOG2E, exp_bound
 from fastpair.tables import constant, pair_valid
+from fastpair.targets import Groups, add_target_grads, group_labels, target_terms
 
 from . import launch
 
 # Bump when an op's signature or autograd formula changes: torch.compile's on-disk caches key a compiled
 # step on its forward graph and could replay a backward recorded against the old op.
-OPS_VERSION = 3
+OPS_VERSION = 4
 
 
-def _call(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, group) -> Call:
+def _call(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, group, pairs, ids,
+          label_smoothing) -> Call:
     """The Call the public function validated, rebuilt from the op's flattened arguments."""
-    pairs = tuple(modality_pairs(len(zs)))
+    pairs = _unflatten(pairs)
     values = tuple(known_t) if known_t else tuple(read_temperatures(temperature, len(pairs)))
     return Call(pairs=pairs, temperature=Temperature(values, None, (len(pairs),)), weights=tuple(weights), mask=mask,
-                normalize=normalize, return_stats=stats, backend="triton", block_size=None,
-                shard=distributed.shard_from_op_arguments(sizes, rank, group))
+                ids=ids, label_smoothing=label_smoothing, normalize=normalize, return_stats=stats,
+                backend="triton", block_size=None, shard=distributed.shard_from_op_arguments(sizes, rank, group))
+
+
+def _unflatten(pairs: list[int]) -> tuple[tuple[int, int], ...]:
+    return tuple(zip(pairs[0::2], pairs[1::2]))
 
 
 def _scale2(temperature: torch.Tensor) -> torch.Tensor:
@@ -41,14 +47,18 @@ def _scale2(temperature: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op(f"fastpair::pairwise_nce_fwd_v{OPS_VERSION}", mutates_args=())
 def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t: list[float],
                      mask: torch.Tensor | None, weights: list[float], normalize: bool, stats: bool,
-                     sizes: list[int], rank: int, group: str,
+                     sizes: list[int], rank: int, group: str, pairs: list[int], ids: torch.Tensor | None,
+                     label_smoothing: float,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                torch.Tensor]:
-    """Returns loss, pair_losses (P,), accuracy (P, 2), lse2 (2P, N), r (M, N), coef (P,) and `bounded`
+                                torch.Tensor, torch.Tensor]:
+    """Returns loss, pair_losses (P,), accuracy (P, 2), lse2 (2P, N), r (M, N), coef (P,), the target terms'
+    sums over this process's valid rows (P,) (fastpair.targets; zeros for identity targets) and `bounded`
     as a 0-d bool tensor on the CPU (so that the backward reads it without a device sync).
     temperature: (P,) tensor; known_t: the same values as numbers when the caller had them (no sync).
-    sizes, rank, group: fastpair.distributed.op_arguments of a process group ([], 0, "" without one)."""
-    call = _call(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, group)
+    sizes, rank, group: fastpair.distributed.op_arguments of a process group ([], 0, "" without one).
+    pairs: the P pairs flattened (p0, q0, p1, q1, ...)."""
+    call = _call(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, group, pairs, ids,
+                 label_smoothing)
     n = zs[0].shape[0]
     r0, r1 = call.rows(n)
     bounded = normalize and max(1.0 / t for t in call.temperature.values) <= exp_bound(torch.float32)
@@ -57,12 +67,65 @@ def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t:
         swept = launch.forward(staged, bounded, stats, torch.are_deterministic_algorithms_enabled(),
                                row0=r0, rows=r1 - r0)
         table, lse_row, lse_col, diag = _statistics(call, swept, n)
-        hits = None
-        if stats:
-            hits = torch.stack([swept.hits[0::2].sum(dim=1), swept.hits[1::2].sum(dim=1)])
-        done = epilogue.finish(call, n, lse_row, lse_col, diag, hits, unit=LN2)
-    return (done.loss, done.pair_losses, done.accuracy, table, staged.rnorm, done.coef,
+        hits = _hits(call, swept.args, r0, r1) if stats else None
+        if call.identity_targets:
+            done = epilogue.finish(call, n, lse_row, lse_col, 2.0 * diag, hits, unit=LN2)
+            sums = torch.zeros(len(call.pairs), dtype=torch.float32, device=table.device)
+        else:
+            target = _target_terms(call, staged, n)
+            done = epilogue.finish(call, n, lse_row * LN2, lse_col * LN2, target, hits)
+            sums = epilogue.valid_row_sums(call, n, target)
+    return (done.loss, done.pair_losses, done.accuracy, table, staged.rnorm, done.coef, sums,
             torch.tensor(bounded, dtype=torch.bool))
+
+
+def _hits(call: Call, args: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """(2, P) top-1 hits over this process's valid rows, x->y and y->x, from the two-direction sweep's
+    first argmax per row (a hit: the row itself, or a sample with the row's id)."""
+    rows = torch.arange(r0, r1, device=args.device)
+    chosen = args.long()
+    same = chosen == rows if call.ids is None else call.ids[chosen] == call.ids[rows]
+    if call.mask is not None:
+        same = same & pair_valid(call.mask, call.pairs)[:, r0:r1].repeat_interleave(2, dim=0)
+    same = same.float()
+    return torch.stack([same[0::2].sum(dim=1), same[1::2].sum(dim=1)])
+
+
+def _normalized(staged: launch.Staged) -> dict[int, torch.Tensor]:
+    """x_m = z_m r_m in fp32 (N, D) for every modality in a pair: the target side's operands
+    (fastpair.targets), made once per call."""
+    used = dict.fromkeys(m for pair in staged.pairs for m in pair)
+    return {m: staged.z[m].float() * staged.rnorm[m, :, None] for m in used}
+
+
+def _groups(pairs, mask, labels, eps: float, k: int, like: torch.Tensor) -> Groups:
+    p, q = pairs[k]
+    valid = None if mask is None else (mask[p] & mask[q]).float()
+    return Groups.of(labels, valid, like.shape[0], eps, torch.float32, like.device)
+
+
+def _target_terms(call: Call, staged: launch.Staged, n: int) -> torch.Tensor:
+    """(P, rows) the target terms of fastpair.targets at this process's rows, in nats."""
+    r0, r1 = call.rows(n)
+    labels = None if call.ids is None else group_labels(call.ids)
+    xs, out = _normalized(staged), []
+    for k, (p, q) in enumerate(call.pairs):
+        groups = _groups(call.pairs, call.mask, labels, call.label_smoothing, k, xs[p])
+        out.append(target_terms(xs[p], xs[q], groups, 1.0 / call.temperature.values[k], r0, r1))
+    return torch.stack(out)
+
+
+def _add_target_grads(staged: launch.Staged, mask, ids, eps: float, coef, scale, dxw, r0: int, r1: int) -> None:
+    """dxw (dL/dx * r, fp32) += the targets' part of every pair's gradient (coef: the incoming gradient
+    times the epilogue's coefficients; scale: 1/t per pair, on the device)."""
+    labels = None if ids is None else group_labels(ids)
+    xs = _normalized(staged)
+    for k, (p, q) in enumerate(staged.pairs):
+        gx, gy = torch.zeros_like(xs[p]), torch.zeros_like(xs[q])
+        groups = _groups(staged.pairs, mask, labels, eps, k, xs[p])
+        add_target_grads(xs[p], xs[q], groups, -coef[k] * scale[k], gx, gy, r0, r1)
+        dxw[p] += gx * staged.rnorm[p, :, None]
+        dxw[q] += gy * staged.rnorm[q, :, None]
 
 
 def _statistics(call: Call, swept: launch.Swept, n: int):
@@ -89,49 +152,54 @@ def _statistics(call: Call, swept: launch.Swept, n: int):
 
 
 @pairwise_nce_fwd.register_fake
-def _(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, group):
-    m, n = len(zs), zs[0].shape[0]
-    p = m * (m - 1) // 2
+def _(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, group, pairs, ids, label_smoothing):
+    m, n, p = len(zs), zs[0].shape[0], len(pairs) // 2
 
     def f32(*shape):
         return zs[0].new_empty(shape, dtype=torch.float32)
 
-    return f32(), f32(p), f32(p, 2), f32(2 * p, n), f32(m, n), f32(p), torch.empty((), dtype=torch.bool)
+    return f32(), f32(p), f32(p, 2), f32(2 * p, n), f32(m, n), f32(p), f32(p), torch.empty((), dtype=torch.bool)
 
 
 @torch.library.custom_op(f"fastpair::pairwise_nce_bwd_v{OPS_VERSION}", mutates_args=())
 def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: torch.Tensor,
                      mask: torch.Tensor | None, lse: torch.Tensor, rnorm: torch.Tensor, coef: torch.Tensor,
-                     bounded: torch.Tensor, normalize: bool, needs_dt: bool, sizes: list[int], rank: int
+                     bounded: torch.Tensor, normalize: bool, needs_dt: bool, sizes: list[int], rank: int,
+                     pairs: list[int], ids: torch.Tensor | None, label_smoothing: float, target_sums: torch.Tensor,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns dL/dz stacked (M, N, D) in the input dtype and dL/dt (P,) (zeros when not needed).
     bounded: the forward's 0-d CPU bool; the temperatures are not read on the host again. With a process
     group, the gradient of this rank's share of the loss w.r.t. the gathered batch (no communication
     here: the gather's backward sums the ranks' gradients)."""
-    pairs = tuple(modality_pairs(len(zs)))
+    identity = ids is None and label_smoothing == 0.0
     n = zs[0].shape[0]
     r0, rows = distributed.rows_from_op_arguments(sizes, rank, n)
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
-        staged = launch.stage(zs, mask, _scale2(temperature), pairs, normalize, rnorm=rnorm)
-        dxw, sgs = launch.backward(staged, lse, (grad.float() * coef).contiguous(), bool(bounded.item()),
-                                   needs_dt, row0=r0, rows=rows)
+        staged = launch.stage(zs, mask, _scale2(temperature), _unflatten(pairs), normalize, rnorm=rnorm)
+        c = (grad.float() * coef).contiguous()
+        dxw, sgs = launch.backward(staged, lse, c, bool(bounded.item()), needs_dt, identity, row0=r0, rows=rows)
+        scale = 1.0 / temperature.float()
+        if not identity:
+            _add_target_grads(staged, mask, ids, label_smoothing, c, scale, dxw, r0, r0 + rows)
         grads = launch.input_grads(dxw, staged, normalize)
-        if needs_dt:  # dL/dt = -(1/t) sum G S, S = S2 ln 2
-            dt = -(LN2 / temperature.float()) * sgs
+        if needs_dt:  # dL/dt = -(1/t) sum G S, S = S2 ln 2; the targets' part: the loss holds -c A, A ~ 1/t
+            dt = -(LN2 * scale) * sgs + (c * target_sums * scale if not identity else 0.0)
         else:
-            dt = torch.zeros(len(pairs), dtype=torch.float32, device=zs[0].device)
+            dt = torch.zeros(len(pairs) // 2, dtype=torch.float32, device=zs[0].device)
     return grads, dt
 
 
 @pairwise_nce_bwd.register_fake
-def _(grad, zs, temperature, mask, lse, rnorm, coef, bounded, normalize, needs_dt, sizes, rank):
+def _(grad, zs, temperature, mask, lse, rnorm, coef, bounded, normalize, needs_dt, sizes, rank, pairs, ids,
+      label_smoothing, target_sums):
     m, (n, d) = len(zs), zs[0].shape
-    return zs[0].new_empty((m, n, d)), zs[0].new_empty((m * (m - 1) // 2,), dtype=torch.float32)
+    return zs[0].new_empty((m, n, d)), zs[0].new_empty((len(pairs) // 2,), dtype=torch.float32)
 
 
 @dataclass(frozen=True)
 class _State:
-    """Forward -> backward, besides the saved tensors (temperature, lse2, r, coef, bounded, *zs)."""
+    """Forward -> backward, besides the saved tensors (temperature, lse2, r, coef, target sums, bounded,
+    ids (or an empty placeholder), *zs)."""
 
     mask: torch.Tensor | None
     normalize: bool
@@ -139,26 +207,31 @@ class _State:
     sizes: list[int]
     rank: int
     known_t: list[float]
+    pairs: list[int]
+    has_ids: bool
+    label_smoothing: float
 
 
 def _setup_context(ctx, inputs, output):
-    zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, _group = inputs
-    _, pair_losses, accuracy, lse, rnorm, coef, bounded = output
-    ctx.save_for_backward(temperature, lse, rnorm, coef, bounded, *zs)
-    ctx.state = _State(mask, normalize, temperature.requires_grad, sizes, rank, known_t)
-    ctx.mark_non_differentiable(pair_losses, accuracy, lse, rnorm, coef, bounded)
+    zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, _group, pairs, ids, eps = inputs
+    _, pair_losses, accuracy, lse, rnorm, coef, sums, bounded = output
+    ids_saved = ids if ids is not None else torch.empty(0, dtype=torch.int64)
+    ctx.save_for_backward(temperature, lse, rnorm, coef, sums, bounded, ids_saved, *zs)
+    ctx.state = _State(mask, normalize, temperature.requires_grad, sizes, rank, known_t, pairs, ids is not None, eps)
+    ctx.mark_non_differentiable(pair_losses, accuracy, lse, rnorm, coef, sums, bounded)
 
 
 def _backward(ctx, grad_loss, *_unused):
-    temperature, lse, rnorm, coef, bounded, *zs = ctx.saved_tensors
+    temperature, lse, rnorm, coef, sums, bounded, ids, *zs = ctx.saved_tensors
     state: _State = ctx.state
     grads, dt = pairwise_nce_bwd(grad_loss, zs, temperature, state.mask, lse, rnorm, coef, bounded,
-                                 state.normalize, state.needs_dt, state.sizes, state.rank)
+                                 state.normalize, state.needs_dt, state.sizes, state.rank, state.pairs,
+                                 ids if state.has_ids else None, state.label_smoothing, sums)
     # torch.library matches the gradient structure to the inputs' pytree, where an empty list stays a list
     known_grad = [] if not state.known_t else None
     sizes_grad = [] if not state.sizes else None
     return (list(grads.unbind(0)), (dt if state.needs_dt else None), known_grad, None, None, None, None,
-            sizes_grad, None, None)
+            sizes_grad, None, None, None, None, None)
 
 
 pairwise_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -179,10 +252,12 @@ def pairwise_nce_triton(zs, call: Call):
             t = torch.tensor(known, dtype=torch.float32, device=device)
         else:
             t = constant(tuple(known), torch.float32, str(device))
+    pairs = [i for pair in call.pairs for i in pair]
     sizes, rank, group = distributed.op_arguments(call.shard)
     try:
         loss, pair_losses, accuracy, *_ = pairwise_nce_fwd(zs, t, known, call.mask, list(call.weights),
-                                                           call.normalize, call.return_stats, sizes, rank, group)
+                                                           call.normalize, call.return_stats, sizes, rank, group,
+                                                           pairs, call.ids, call.label_smoothing)
     finally:  # the forward op found the group by name; no reference may outlive the call
         distributed.release_op_arguments(group)
     return loss, pair_losses, accuracy

@@ -102,7 +102,7 @@ fwd_tuned = triton.autotune(
     reset_to_zero=["colsum_ptr"],  # the atomic column sums accumulate: zeroed before each timed run
 )(fwd_kernel)
 panel_tuned = triton.autotune(
-    PANEL_CONFIGS, key=["N_BUCKET", "D_BUCKET", "HAS_MASK", "BOUNDED", "NEEDS_DT"],
+    PANEL_CONFIGS, key=["N_BUCKET", "D_BUCKET", "HAS_MASK", "BOUNDED", "NEEDS_DT", "IDENTITY"],
     prune_configs_by={"early_config_prune": _prune},
     reset_to_zero=["sgs_ptr"],  # per-tile partials: a timed config with smaller tiles writes more of them
 )(grad_panel_kernel)

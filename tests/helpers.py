@@ -114,8 +114,7 @@ def check_against_reference(zs, backend="torch", temperature=0.07, learnable=Fal
     dtype = zs[0].dtype
     cdtype = torch.float64 if dtype == torch.float64 else torch.float32
     zs = on(zs, backend)
-    if kw.get("mask") is not None:
-        kw["mask"] = kw["mask"].to(zs[0].device)
+    kw = {key: (v.to(zs[0].device) if isinstance(v, torch.Tensor) else v) for key, v in kw.items()}
     t_ours = _temperature_arg(temperature, learnable)
     loss, stats = pairwise_nce(*zs, temperature=t_ours, backend=backend, return_stats=True,
                                block_size=block_size, **kw)

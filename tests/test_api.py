@@ -51,6 +51,28 @@ def _bad_cases():
         ((*z,), {"return_stats": "yes"}, TypeError, "return_stats"),
         ((*z,), {"block_size": 0}, ValueError, "block_size"),
         ((*z,), {"group": object()}, ValueError, "not initialized"),
+        # the loss family
+        ((*z,), {"pairs": [(0, 3)]}, ValueError, "out of range"),
+        ((*z,), {"pairs": [(0, -1)]}, ValueError, "out of range"),
+        ((*z,), {"pairs": [(1, 1)]}, ValueError, "with itself"),
+        ((*z,), {"pairs": [(0, 1), (1, 0)]}, ValueError, "each pair once"),
+        ((*z,), {"pairs": [(0, 2), (1, 2), (0, 2)]}, ValueError, "entries 0 and 2"),
+        ((*z,), {"pairs": []}, ValueError, "must not be empty"),
+        ((*z,), {"pairs": "01"}, TypeError, "list of (p, q)"),
+        ((*z,), {"pairs": [(0, 1.0)]}, TypeError, "entry 0"),
+        ((*z,), {"pairs": [(0, 1, 2)]}, TypeError, "entry 0"),
+        ((*z,), {"pairs": [(0, 1)], "temperature": torch.tensor([0.1, 0.2])}, ValueError, "one entry per pair (1)"),
+        ((*z,), {"pairs": [(0, 1), (0, 2)], "weights": [1.0, 1.0, 1.0]}, ValueError, "one entry per pair (2 pairs)"),
+        ((*z,), {"ids": torch.zeros(7, dtype=torch.int64)}, ValueError, "(N,) = (8,)"),
+        ((*z,), {"ids": torch.zeros(8, 1, dtype=torch.int64)}, ValueError, "(N,) = (8,)"),
+        ((*z,), {"ids": torch.zeros(8)}, TypeError, "torch.int32 or torch.int64"),
+        ((*z,), {"ids": [0] * 8}, TypeError, "int32 or int64 tensor"),
+        ((*z,), {"ids": torch.zeros(8, dtype=torch.int64, device="meta")}, ValueError, "device"),
+        ((*z,), {"label_smoothing": 1.0}, ValueError, "[0, 1)"),
+        ((*z,), {"label_smoothing": -0.1}, ValueError, "[0, 1)"),
+        ((*z,), {"label_smoothing": float("nan")}, ValueError, "finite"),
+        ((*z,), {"label_smoothing": "0.1"}, TypeError, "label_smoothing"),
+        ((*z,), {"label_smoothing": True}, TypeError, "label_smoothing"),
     ]
 
 
@@ -117,7 +139,10 @@ def test_module_fixed_temperature_is_a_buffer():
     "kwargs,error",
     [({"num_modalities": 1}, ValueError), ({"num_modalities": 3, "temperature": 0}, ValueError),
      ({"num_modalities": 3, "weights": [1, 2]}, ValueError), ({"num_modalities": 3, "backend": "x"}, ValueError),
-     ({"num_modalities": 3, "max_logit_scale": -1}, ValueError)],
+     ({"num_modalities": 3, "max_logit_scale": -1}, ValueError),
+     ({"num_modalities": 3, "pairs": [(0, 3)]}, ValueError), ({"num_modalities": 3, "pairs": []}, ValueError),
+     ({"num_modalities": 3, "label_smoothing": -0.5}, ValueError),
+     ({"num_modalities": 3, "pairs": [(0, 1)], "weights": [1, 2]}, ValueError)],
 )
 def test_module_bad_arguments(kwargs, error):
     with pytest.raises(error):

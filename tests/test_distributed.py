@@ -73,6 +73,11 @@ CASES = [
     ("cold", (6, 5), 3, 8, dict(temperature=0.005, mask=True, block_size=2)),
     ("two-modalities", (3, 9), 2, 4, dict(temperature=0.1)),
     ("four-modalities", (5, 5), 4, 4, dict(temperature="per_pair", mask=True)),
+    # the loss family: ids compared across the global batch (a group spans both ranks), smoothing, topology
+    ("ids-smoothing-stats", (6, 7), 3, 8, dict(temperature="per_pair", ids=True, label_smoothing=0.1, mask=True,
+                                               return_stats=True, block_size=3)),
+    ("anchor-ids", (5, 4), 4, 5, dict(temperature="learn", pairs=[(0, 1), (0, 2), (3, 0)], ids=True)),
+    ("smoothing-unnormalized", (4, 6), 3, 6, dict(temperature=0.5, label_smoothing=0.2, normalize=False)),
 ]
 
 
@@ -80,7 +85,7 @@ def _inputs(sizes, m, d, kwargs, seed, dtype, device):
     n = sum(sizes)
     zs = [randn(n, d, seed=seed * 10 + k, dtype=dtype, device=device) for k in range(m)]
     kw = dict(kwargs)
-    num_pairs = m * (m - 1) // 2
+    num_pairs = len(kw["pairs"]) if "pairs" in kw else m * (m - 1) // 2
     if kw.get("temperature") == "learn":
         kw["temperature"] = torch.tensor(0.1, dtype=torch.float64, device=device)
     elif kw.get("temperature") == "per_pair":
@@ -90,6 +95,8 @@ def _inputs(sizes, m, d, kwargs, seed, dtype, device):
         mask = torch.rand(m, n, generator=g) > 0.25
         mask[:, 0] = True  # at least one full sample
         kw["mask"] = mask.to(device)
+    if kw.get("ids"):
+        kw["ids"] = torch.randint(0, 4, (n,), generator=torch.Generator().manual_seed(seed + 8)).to(device)
     return zs, kw
 
 
@@ -116,6 +123,8 @@ def _compare(rank, backend, dtype, deterministic):
         local_kw = {**kw, "temperature": t_local}
         if "mask" in kw:
             local_kw["mask"] = kw["mask"][:, rows].contiguous()
+        if "ids" in kw:
+            local_kw["ids"] = kw["ids"][rows].contiguous()
         out = pairwise_nce(*local, **local_kw, backend=backend, group=dist.group.WORLD)
         dloss, dstats = out if kw.get("return_stats") else (out, None)
         dloss.backward()
@@ -230,6 +239,14 @@ def _errors(rank):
     z = [randn(4, 8 + rank, seed=k) for k in range(3)]
     with pytest.raises(ValueError, match="same embedding dimension D; per rank: \\[8, 9\\]"):
         pairwise_nce(*z, group=dist.group.WORLD)
+    # arguments every rank must share: label smoothing, pairs, ids on all ranks or none
+    for kw, words in ((dict(label_smoothing=0.1 * rank), "same label_smoothing; per rank: [0.0, 0.1]"),
+                      (dict(pairs=[(0, 1)] if rank else [(0, 2)]), "same pairs"),
+                      (dict(ids=torch.arange(4) if rank else None), "same ids (all ranks or none)")):
+        z = [randn(4, 8, seed=k) for k in range(3)]
+        with pytest.raises(ValueError) as err:
+            pairwise_nce(*z, group=dist.group.WORLD, **kw)
+        assert words in str(err.value), str(err.value)
     # and the group still works afterwards (nothing was left half-communicated)
     z = [randn(3 + rank, 8, seed=k) for k in range(3)]
     assert torch.isfinite(pairwise_nce(*z, group=dist.group.WORLD))

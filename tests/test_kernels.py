@@ -41,7 +41,8 @@ def test_triton_atomic_and_deterministic_paths_agree(deterministic_algorithms, t
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_custom_ops_pass_opcheck(triton_only):
+@pytest.mark.parametrize("targets", ["identity", "ids-smoothing-anchor"])
+def test_custom_ops_pass_opcheck(targets, triton_only):
     """torch.library.opcheck: schema, fake (meta) implementations and autograd registration agree."""
     from fastpair.kernels import ops
 
@@ -49,7 +50,12 @@ def test_custom_ops_pass_opcheck(triton_only):
     zs = [randn(20, 8, seed=k, device=dev).requires_grad_() for k in range(3)]
     t = torch.tensor([0.05, 0.1, 0.2], device=dev, requires_grad=True)
     mask = torch.rand(3, 20, generator=torch.Generator().manual_seed(3)).to(dev) > 0.2
-    torch.library.opcheck(ops.pairwise_nce_fwd, (zs, t, [], mask, [1.0, 2.0, 0.5], True, False, [], 0, ""),
+    pairs, ids, eps = [0, 1, 0, 2, 1, 2], None, 0.0
+    if targets != "identity":
+        t = t[:2].detach().requires_grad_()
+        pairs, ids, eps = [1, 0, 2, 0], torch.arange(20, device=dev) // 3, 0.1
+    torch.library.opcheck(ops.pairwise_nce_fwd,
+                          (zs, t, [], mask, [1.0, 2.0, 0.5][:len(pairs) // 2], True, False, [], 0, "", pairs, ids, eps),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
