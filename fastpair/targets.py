@@ -62,13 +62,13 @@ class Groups:
             local = torch.zeros_like(part)
             local[rows[0]:rows[1]] = part[rows[0]:rows[1]]
             part = local
-        own = part
-        if self.labels is not None:
-            sums = torch.zeros_like(part).index_add_(0, self.labels, part)
-            own = sums[self.labels] / self.sizes[:, None]
-        out = (1.0 - self.eps) * own
+        if self.labels is None:
+            out = part * (1.0 - self.eps)
+        else:  # a gathered (new) tensor: scaled in place
+            out = torch.zeros_like(part).index_add_(0, self.labels, part)[self.labels]
+            out.mul_(((1.0 - self.eps) / self.sizes)[:, None])
         if self.eps:
-            out = out + (self.eps / self.count.clamp_min(1.0)) * part.sum(dim=0)
+            out.add_(part.sum(dim=0) * (self.eps / self.count.clamp_min(1.0)))
         return out
 
 
@@ -87,5 +87,5 @@ def add_target_grads(x, y, groups: Groups, c: torch.Tensor, gx, gy, r0: int, r1:
         bar = full.clone() if everything else groups.mean(other, (r0, r1))
         bar[r0:r1] += full[r0:r1]
         if groups.valid is not None:
-            bar = bar * groups.valid[:, None]
-        grad.add_(c * bar)
+            bar.mul_(groups.valid[:, None])
+        grad.addcmul_(bar, c)
