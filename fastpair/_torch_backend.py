@@ -10,8 +10,10 @@ Two exact variants, chosen per pair on the host:
   overflows nor leaves the normal range, and *one* exponential per element serves both the row
   and the column sums, forward and backward (P = E / rowsum, Q = E / colsum):
       dL/dS_ij = c * (E_ij * (v_j / rowsum_i + v_i / colsum_j) - 2 v_i [i == j]),  c = w / (W * 2n)
-  The exponential is evaluated as exp2 with log2(e) folded into the matmul's scale (as Triton's
-  fused-attention tutorial does), which is several times cheaper than exp on CPU.
+  (the -2 [i == j] is the target T = I; with ids or label smoothing the blocks hold the softmax part
+  only and fastpair.targets adds -2 c T, O(N*D)). The exponential is evaluated as exp2 with log2(e)
+  folded into the matmul's scale (as Triton's fused-attention tutorial does), several times cheaper than
+  exp on CPU.
 * online (normalize=False, or a scale above the bound): row logsumexp per block, column
   logsumexp merged across blocks with logaddexp2; backward evaluates P and Q separately.
 
@@ -29,7 +31,7 @@ import torch
 from . import distributed, epilogue
 from .call import Call
 from .numerics import LN2, LOG2E, NORM_EPS, exp_bound
-from .targets import Groups, add_target_grads, group_labels, target_terms
+from .targets import Groups, add_target_grads, group_labels, target_terms, top1_hits
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -110,11 +112,6 @@ def _mask_bias(v: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(v).masked_fill_(v == 0, float("-inf"))
 
 
-def _hits(ids, chosen: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Top-1 hits: the chosen sample is the row's own, or (with ids) shares its id."""
-    return chosen == rows if ids is None else ids[chosen] == ids[rows]
-
-
 def _forward_pair(x, y, v, scale, bounded, block, stats, ids, buf, r0, r1):
     """Statistics of the rows [r0, r1) of S = scale * x y^T over valid samples (v: 0/1 weights or None).
 
@@ -143,7 +140,7 @@ def _forward_pair(x, y, v, scale, bounded, block, stats, ids, buf, r0, r1):
         if stats:  # argmax over valid entries; exp2 below is monotone, so take it on the logits
             cand = s2 if v is None else s2 + _mask_bias(v)[None, :] + _mask_bias(v[i0:i1])[:, None]
             best = cand.argmax(dim=1)
-            row_hits[i0 - r0:i1 - r0] = _hits(ids, best, torch.arange(i0, i1, device=x.device)).to(x.dtype)
+            row_hits[i0 - r0:i1 - r0] = top1_hits(ids, best, torch.arange(i0, i1, device=x.device)).to(x.dtype)
             carg = cand.argmax(dim=0)  # first maximal row (max(dim) does not promise the first)
             cbest = cand.gather(0, carg[None, :]).squeeze(0)
             better = cbest > col_best  # strict: the first row block with the maximum wins
@@ -192,7 +189,8 @@ def _backward_pair(x, y, v, scale, bounded, block, row, col, c, identity, gx, gy
     n = x.shape[0]
     cs = c * scale
     xs = x * (scale * LOG2E)
-    diag = -2.0 * cs * (v if v is not None else torch.ones(n, dtype=x.dtype, device=x.device))
+    if identity:
+        diag = -2.0 * cs * (v if v is not None else torch.ones(n, dtype=x.dtype, device=x.device))
     if bounded:
         # G' = scale * G = E * (a_i v_j + v_i b_j) - 2 c' v_i [i == j],  a = c' v / rowsum, b = c' v / colsum
         tiny = torch.finfo(x.dtype).tiny
@@ -250,10 +248,6 @@ class PairwiseNCEFunction(torch.autograd.Function):
             return _backward(ctx, grad_loss)
 
 
-def _groups(call: Call, labels, v, x: torch.Tensor) -> Groups:
-    return Groups.of(labels, v, x.shape[0], call.label_smoothing, x.dtype, x.device)
-
-
 def _valid(call: Call, k: int, cdtype: torch.dtype) -> torch.Tensor | None:
     """(N,) 0/1 weights of pair k's valid samples, or None without a mask. A tensor of its own, not a row of
     a (P, N) table: BLAS sums an aligned vector in the same order on every call, so results stay bitwise."""
@@ -302,7 +296,8 @@ def _forward(ctx, plan: Plan, temperature, embeddings):
         if call.identity_targets:
             target[k] = 2.0 * ((xs[p][r0:r1] * xs[q][r0:r1]).sum(dim=1) * plan.scales[k])
         else:
-            target[k] = target_terms(xs[p], xs[q], _groups(call, labels, v, xs[p]), plan.scales[k], r0, r1)
+            groups = Groups.of(labels, call.mask, (p, q), call.label_smoothing, xs[p])
+            target[k] = target_terms(xs[p], xs[q], groups, plan.scales[k], r0, r1)
         if plan.bounded(k, cdtype):
             lse_row[k], lse_col[k] = torch.log(row), torch.log(col[r0:r1])
         else:
@@ -310,7 +305,7 @@ def _forward(ctx, plan: Plan, temperature, embeddings):
         if hits is not None:
             if call.shard is not None:
                 col_arg = distributed.merge_first_argmax(call.shard, col_best, col_arg)
-            col_hit = _hits(call.ids, col_arg[r0:r1], torch.arange(r0, r1, device=device)).to(cdtype)
+            col_hit = top1_hits(call.ids, col_arg[r0:r1], torch.arange(r0, r1, device=device)).to(cdtype)
             hits[0, k] = row_hits.sum() if v is None else row_hits @ v[r0:r1]
             hits[1, k] = col_hit.sum() if v is None else col_hit @ v[r0:r1]
         stats[k] = (row, col)
@@ -353,8 +348,9 @@ def _backward(ctx, grad_loss):
         # dL/dt = -(1/t) sum_ij G_ij S_ij = -scale * <dL/dx, x> (before the normalization backward)
         dt = -plan.scales[k] * sgs if want_dt else None
         if not call.identity_targets:  # the T part of G: -2 c T, through fastpair.targets
-            groups = _groups(call, saved.labels, v, xs[p])
-            add_target_grads(xs[p], xs[q], groups, -coef[k] * plan.scales[k], grads[p], grads[q], r0, r1)
+            groups = Groups.of(saved.labels, call.mask, (p, q), call.label_smoothing, xs[p])
+            c = -coef[k] * plan.scales[k]
+            add_target_grads(xs[p], xs[q], groups, c, c, grads[p], grads[q], r0, r1)
             if want_dt:  # the loss holds -c A, and A is proportional to 1/t
                 dt = dt + coef[k] * saved.target_sums[k] * plan.scales[k]
         dts.append(dt)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from . import kernels as _kernels
+from .targets import identity_targets
 
 if TYPE_CHECKING:
     from .distributed import Shard
@@ -68,7 +69,7 @@ class Call:
     @property
     def identity_targets(self) -> bool:
         """Each row's target is its own column alone (no ids, no smoothing): the loss of section 1."""
-        return self.ids is None and self.label_smoothing == 0.0
+        return identity_targets(self.ids, self.label_smoothing)
 
     @property
     def world(self) -> int:
@@ -111,15 +112,16 @@ def check_pairs(pairs, num_modalities: int) -> tuple[tuple[int, int], ...]:
     if pairs is None:
         return tuple(modality_pairs(num_modalities))
     expected = f"a list of (p, q) modality index pairs with 0 <= p, q < {num_modalities} and p != q"
-    if isinstance(pairs, (str, bytes, torch.Tensor)) or not isinstance(pairs, Sequence):
+    if isinstance(pairs, (str, bytes, torch.Tensor)) or not isinstance(pairs, Iterable):
         raise TypeError(f"pairs must be {expected}, got {type(pairs).__name__}")
+    pairs = list(pairs)  # any iterable: a list, itertools.combinations(...), a NumPy array of rows
     if len(pairs) == 0:
         raise ValueError(f"pairs must not be empty: expected {expected}")
     out, seen = [], {}
-    for k, pair in enumerate(pairs):
-        if (isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2
-                or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in pair)):
-            raise TypeError(f"pairs must be {expected}; entry {k} is {pair!r}")
+    for k, entry in enumerate(pairs):
+        pair = tuple(entry) if isinstance(entry, Iterable) and not isinstance(entry, (str, bytes)) else (entry,)
+        if len(pair) != 2 or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in pair):
+            raise TypeError(f"pairs must be {expected}; entry {k} is {entry!r}")
         p, q = int(pair[0]), int(pair[1])
         if not (0 <= p < num_modalities and 0 <= q < num_modalities):
             raise ValueError(f"pairs must be {expected}; entry {k} is ({p}, {q}), out of range")
@@ -137,7 +139,7 @@ def check_pairs(pairs, num_modalities: int) -> tuple[tuple[int, int], ...]:
 def check_label_smoothing(value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"label_smoothing must be a number in [0, 1), got {type(value).__name__}")
-    value = float(value)
+    value = float(value) + 0.0  # -0.0 becomes 0.0 (ranks compare its bits)
     if not (math.isfinite(value) and 0.0 <= value < 1.0):
         raise ValueError(f"label_smoothing must be finite and in [0, 1), got {value}")
     return value

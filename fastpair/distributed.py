@@ -3,10 +3,11 @@
 Every rank passes its local batch (N_r samples; sizes may differ). For a world size W > 1, one call does:
 
 1. ``exchange``: one all_gather of a small int64 header per rank (valid input?, N_r, D, M, dtype, mask?,
-   backend, ids?, the pairs' checksum, label smoothing's bits). Every rank then checks every header, so
-   an input that is bad on one rank, or D, M, dtype, backend, pairs or label smoothing that differ between
-   ranks, or ids on some ranks only, raise the same kind of error on every rank instead of leaving the
-   others waiting in a collective. The header is copied to the host (one small sync per call).
+   backend, ids?, the pairs' checksum, label smoothing's bits, a checksum of normalize, return_stats, the
+   weights and numeric temperatures: everything that decides which collectives run). Every rank then
+   checks every header, so an input that is bad on one rank, or any of these that differs between ranks,
+   raise the same kind of error on every rank instead of leaving the others waiting in a collective. The
+   header is copied to the host (one small sync per call).
 2. ``gather``: each modality is all-gathered (padded to the largest N_r) into the global batch
    (N = sum N_r rows, ranks in order), with autograd; the mask and the ids likewise, without (ids are
    then compared across the whole global batch). The backward of the
@@ -39,10 +40,12 @@ import torch.distributed as dist
 from .call import FLOAT_DTYPES as _DTYPES  # the header's dtype codes are positions in this tuple
 
 # Header fields, one int64 each: ok, N_r, D, M, dtype code, has mask, backend code (0 torch, 1 triton),
-# has ids, crc32 of the pairs, the bits of label_smoothing as a float64
-_HEADER = 10
+# has ids, crc32 of the pairs, the bits of label_smoothing as a float64, crc32 of the other options that
+# decide which collectives run (normalize, return_stats, weights, numeric temperatures or the tensor's shape)
+_HEADER = 11
 _AGREED = (("embedding dimension D", 2), ("number of modalities M", 3), ("dtype", 4),
-           ("backend (torch or triton)", 6), ("ids (all ranks or none)", 7), ("pairs", 8), ("label_smoothing", 9))
+           ("backend (torch or triton)", 6), ("ids (all ranks or none)", 7), ("pairs, in the same order", 8),
+           ("label_smoothing", 9), ("normalize, return_stats, weights and temperature", 10))
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,7 +84,7 @@ def gather_call(group, embeddings, call, error: Exception | None):
     mask = call.mask
     if shard.masked:
         mask = gather_mask(mask, len(embeddings), shard, embeddings[0].device)
-    ids = None if call.ids is None else gather_rows(shard, call.ids)
+    ids = None if call.ids is None else gather_rows(shard, call.ids.to(torch.int64))  # one dtype on every rank
     return embeddings, dataclasses.replace(call, mask=mask, ids=ids, shard=shard)
 
 
@@ -95,6 +98,10 @@ def comm_device(group, tensors=()) -> torch.device:
     return torch.device("cpu")
 
 
+def _crc(value) -> int:
+    return zlib.crc32(repr(value).encode())
+
+
 def exchange(group, embeddings, call, error: Exception | None) -> Shard:
     """Share every rank's header, check them all; raise on every rank if any rank's input is bad."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -102,9 +109,11 @@ def exchange(group, embeddings, call, error: Exception | None) -> Shard:
     if error is None:
         z = embeddings[0]
         eps_bits = struct.unpack("<q", struct.pack("<d", call.label_smoothing))[0]
+        t = call.temperature
+        options = (call.normalize, call.return_stats, call.weights, t.values if t.values is not None else t.shape)
         header = [1, z.shape[0], z.shape[1], len(embeddings), _DTYPES.index(z.dtype), int(call.mask is not None),
-                  int(call.backend == "triton"), int(call.ids is not None), zlib.crc32(repr(call.pairs).encode()),
-                  eps_bits]
+                  int(call.backend == "triton"), int(call.ids is not None), _crc(call.pairs), eps_bits,
+                  _crc(options)]
     device = comm_device(group, embeddings)
     mine = torch.tensor(header, dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(world)]
@@ -122,7 +131,7 @@ def exchange(group, embeddings, call, error: Exception | None) -> Shard:
             shown = [str(_DTYPES[v]) for v in values] if i == 4 else values
             if i == 9:
                 shown = [struct.unpack("<d", struct.pack("<q", v))[0] for v in values]
-            if i == 8:
+            if i in (8, 10):
                 shown = f"checksums {shown}"
             raise ValueError(f"pairwise_nce(group=...): every rank must pass the same {name}; per rank: {shown}")
     return Shard(group=group, rank=rank, sizes=tuple(h[1] for h in rows), masked=any(h[5] for h in rows))

@@ -46,9 +46,10 @@ def finish(call: Call, n: int, lse_row, lse_col, target, hits=None, unit: float 
     terms = lse_row + lse_col - target
     if unit != 1.0:
         terms = terms * unit
-    terms = _valid_rows(call, n, terms)
     if call.mask is not None:
-        counts = pair_valid(call.mask, call.pairs).sum(dim=1).to(dtype)
+        valid = pair_valid(call.mask, call.pairs)
+        terms = _valid_rows(call, n, terms, valid)
+        counts = valid.sum(dim=1).to(dtype)
     else:
         counts = torch.full((len(call.pairs),), float(n), dtype=dtype, device=device)
     local = terms.sum(dim=1) / (2.0 * counts.clamp_min(1.0))
@@ -72,9 +73,11 @@ def valid_row_sums(call: Call, n: int, values: torch.Tensor) -> torch.Tensor:
     return _valid_rows(call, n, values).sum(dim=1)
 
 
-def _valid_rows(call: Call, n: int, values: torch.Tensor) -> torch.Tensor:
-    """(P, rows) values with 0 at the rows outside each pair's valid samples."""
+def _valid_rows(call: Call, n: int, values: torch.Tensor, valid=None) -> torch.Tensor:
+    """(P, rows) values with 0 at the rows outside each pair's valid samples (valid: the (P, N) table of
+    tables.pair_valid, when the caller has it)."""
     if call.mask is None:
         return values
     r0, r1 = call.rows(n)
-    return torch.where(pair_valid(call.mask, call.pairs)[:, r0:r1], values, torch.zeros_like(values))
+    valid = pair_valid(call.mask, call.pairs) if valid is None else valid
+    return torch.where(valid[:, r0:r1], values, torch.zeros_like(values))

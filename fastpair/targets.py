@@ -27,6 +27,16 @@ from dataclasses import dataclass
 import torch
 
 
+def identity_targets(ids, label_smoothing: float) -> bool:
+    """Each row's target is its own column alone (T = I): the kernels' default, no target side needed."""
+    return ids is None and label_smoothing == 0.0
+
+
+def top1_hits(ids, chosen: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Top-1 retrieval hits: the chosen sample is the row's own, or (with ids) shares its id."""
+    return chosen == rows if ids is None else ids[chosen] == ids[rows]
+
+
 def group_labels(ids: torch.Tensor) -> torch.Tensor:
     """(N,) int64 labels in [0, N): equal ids <-> equal labels (the rank of each id among the distinct ids)."""
     sorted_ids, order = torch.sort(ids, stable=True)
@@ -48,44 +58,54 @@ class Groups:
     eps: float
 
     @staticmethod
-    def of(labels, valid, n: int, eps: float, dtype, device) -> Groups:
-        ones = torch.ones(n, dtype=dtype, device=device) if valid is None else valid
+    def of(labels, mask, pair: tuple[int, int], eps: float, like: torch.Tensor) -> Groups:
+        """The groups of pair (p, q): its valid samples from the (M, N) mask (or all), positives by labels."""
+        n, dtype = like.shape[0], like.dtype
+        valid = None if mask is None else (mask[pair[0]] & mask[pair[1]]).to(dtype)
+        ones = torch.ones(n, dtype=dtype, device=like.device) if valid is None else valid
         sizes = None
         if labels is not None:
-            sizes = torch.zeros(n, dtype=dtype, device=device).index_add_(0, labels, ones)[labels].clamp_min(1.0)
+            sizes = torch.zeros_like(ones).index_add_(0, labels, ones)[labels].clamp_min(1.0)
         return Groups(labels, valid, sizes, ones.sum(), eps)
 
-    def mean(self, y: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """(N, D): row i is sum_j T_ij y_j, over the j in rows = [r0, r1) only when given."""
+    def mean(self, y: torch.Tensor, over: tuple[int, int] | None = None, at: tuple[int, int] | None = None):
+        """Rows i of sum_j T_ij y_j: summing over the j in `over` = [r0, r1) only when given, evaluated
+        at the i in `at` only when given ((r1 - r0, D); else (N, D))."""
         part = y if self.valid is None else y * self.valid[:, None]
-        if rows is not None:
-            local = torch.zeros_like(part)
-            local[rows[0]:rows[1]] = part[rows[0]:rows[1]]
-            part = local
-        if self.labels is None:
-            out = part * (1.0 - self.eps)
-        else:  # a gathered (new) tensor: scaled in place
-            out = torch.zeros_like(part).index_add_(0, self.labels, part)[self.labels]
+        src = part if over is None else part[over[0]:over[1]]
+        if self.labels is None:  # each sample its own group: sum_j [j == i] y_j
+            if over is None:
+                out = part * (1.0 - self.eps)
+            else:
+                out = torch.zeros_like(part)
+                out[over[0]:over[1]] = src * (1.0 - self.eps)
+        else:
+            labels = self.labels if over is None else self.labels[over[0]:over[1]]
+            out = torch.zeros_like(part).index_add_(0, labels, src)[self.labels]  # gathered: a new tensor
             out.mul_(((1.0 - self.eps) / self.sizes)[:, None])
+        if at is not None:
+            out = out[at[0]:at[1]]
         if self.eps:
-            out.add_(part.sum(dim=0) * (self.eps / self.count.clamp_min(1.0)))
+            out.add_(src.sum(dim=0) * (self.eps / self.count.clamp_min(1.0)))
         return out
 
 
 def target_terms(x, y, groups: Groups, scale: float, r0: int, r1: int) -> torch.Tensor:
     """(r1 - r0,): <x_i, ybar_i> / t + <xbar_i, y_i> / t at this process's rows (the epilogue masks V)."""
-    ybar, xbar = groups.mean(y)[r0:r1], groups.mean(x)[r0:r1]
+    ybar, xbar = groups.mean(y, at=(r0, r1)), groups.mean(x, at=(r0, r1))
     return ((x[r0:r1] * ybar).sum(dim=1) + (xbar * y[r0:r1]).sum(dim=1)) * scale
 
 
-def add_target_grads(x, y, groups: Groups, c: torch.Tensor, gx, gy, r0: int, r1: int) -> None:
-    """gx += c t dA/dx and gy += c t dA/dy (A of target_terms, c a 0-d tensor), zero outside the pair's
-    valid samples."""
-    everything = (r0, r1) == (0, x.shape[0])
-    for other, grad in ((y, gx), (x, gy)):
-        full = groups.mean(other)
-        bar = full.clone() if everything else groups.mean(other, (r0, r1))
-        bar[r0:r1] += full[r0:r1]
+def add_target_grads(x, y, groups: Groups, cx: torch.Tensor, cy: torch.Tensor, gx, gy, r0: int, r1: int) -> None:
+    """gx += cx t dA/dx and gy += cy t dA/dy (A of target_terms; cx, cy: 0-d, or (N, 1) per-row
+    coefficients), zero outside the pair's valid samples."""
+    local = None if (r0, r1) == (0, x.shape[0]) else (r0, r1)
+    for other, grad, c in ((y, gx, cx), (x, gy, cy)):
+        bar = groups.mean(other, over=local)
+        if local is None:
+            bar.mul_(2.0)  # [a local] ybar_a + ybar'_a, both the full sum
+        else:
+            bar[r0:r1] += groups.mean(other, at=local)
         if groups.valid is not None:
             bar.mul_(groups.valid[:, None])
         grad.addcmul_(bar, c)

@@ -17,7 +17,7 @@ from fastpair import distributed, epilogue
 from fastpair.call import Call, Temperature, read_temperatures
 from fastpair.numerics import LN2, LOG2E, exp_bound
 from fastpair.tables import constant, pair_valid
-from fastpair.targets import Groups, add_target_grads, group_labels, target_terms
+from fastpair.targets import Groups, add_target_grads, group_labels, identity_targets, target_terms, top1_hits
 
 from . import launch
 
@@ -82,9 +82,7 @@ def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t:
 def _hits(call: Call, args: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
     """(2, P) top-1 hits over this process's valid rows, x->y and y->x, from the two-direction sweep's
     first argmax per row (a hit: the row itself, or a sample with the row's id)."""
-    rows = torch.arange(r0, r1, device=args.device)
-    chosen = args.long()
-    same = chosen == rows if call.ids is None else call.ids[chosen] == call.ids[rows]
+    same = top1_hits(call.ids, args.long(), torch.arange(r0, r1, device=args.device))
     if call.mask is not None:
         same = same & pair_valid(call.mask, call.pairs)[:, r0:r1].repeat_interleave(2, dim=0)
     same = same.float()
@@ -98,19 +96,13 @@ def _normalized(staged: launch.Staged) -> dict[int, torch.Tensor]:
     return {m: staged.z[m].float() * staged.rnorm[m, :, None] for m in used}
 
 
-def _groups(pairs, mask, labels, eps: float, k: int, like: torch.Tensor) -> Groups:
-    p, q = pairs[k]
-    valid = None if mask is None else (mask[p] & mask[q]).float()
-    return Groups.of(labels, valid, like.shape[0], eps, torch.float32, like.device)
-
-
 def _target_terms(call: Call, staged: launch.Staged, n: int) -> torch.Tensor:
     """(P, rows) the target terms of fastpair.targets at this process's rows, in nats."""
     r0, r1 = call.rows(n)
     labels = None if call.ids is None else group_labels(call.ids)
     xs, out = _normalized(staged), []
     for k, (p, q) in enumerate(call.pairs):
-        groups = _groups(call.pairs, call.mask, labels, call.label_smoothing, k, xs[p])
+        groups = Groups.of(labels, call.mask, (p, q), call.label_smoothing, xs[p])
         out.append(target_terms(xs[p], xs[q], groups, 1.0 / call.temperature.values[k], r0, r1))
     return torch.stack(out)
 
@@ -121,11 +113,10 @@ def _add_target_grads(staged: launch.Staged, mask, ids, eps: float, coef, scale,
     labels = None if ids is None else group_labels(ids)
     xs = _normalized(staged)
     for k, (p, q) in enumerate(staged.pairs):
-        gx, gy = torch.zeros_like(xs[p]), torch.zeros_like(xs[q])
-        groups = _groups(staged.pairs, mask, labels, eps, k, xs[p])
-        add_target_grads(xs[p], xs[q], groups, -coef[k] * scale[k], gx, gy, r0, r1)
-        dxw[p] += gx * staged.rnorm[p, :, None]
-        dxw[q] += gy * staged.rnorm[q, :, None]
+        groups = Groups.of(labels, mask, (p, q), eps, xs[p])
+        c = -coef[k] * scale[k]  # times r per row: dxw holds dL/dx * r
+        add_target_grads(xs[p], xs[q], groups, c * staged.rnorm[p, :, None], c * staged.rnorm[q, :, None],
+                         dxw[p], dxw[q], r0, r1)
 
 
 def _statistics(call: Call, swept: launch.Swept, n: int):
@@ -171,7 +162,7 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
     bounded: the forward's 0-d CPU bool; the temperatures are not read on the host again. With a process
     group, the gradient of this rank's share of the loss w.r.t. the gathered batch (no communication
     here: the gather's backward sums the ranks' gradients)."""
-    identity = ids is None and label_smoothing == 0.0
+    identity = identity_targets(ids, label_smoothing)
     n = zs[0].shape[0]
     r0, rows = distributed.rows_from_op_arguments(sizes, rank, n)
     with torch.autocast(device_type=zs[0].device.type, enabled=False):

@@ -242,11 +242,17 @@ def _errors(rank):
     # arguments every rank must share: label smoothing, pairs, ids on all ranks or none
     for kw, words in ((dict(label_smoothing=0.1 * rank), "same label_smoothing; per rank: [0.0, 0.1]"),
                       (dict(pairs=[(0, 1)] if rank else [(0, 2)]), "same pairs"),
-                      (dict(ids=torch.arange(4) if rank else None), "same ids (all ranks or none)")):
+                      (dict(ids=torch.arange(4) if rank else None), "same ids (all ranks or none)"),
+                      (dict(weights=[1.0, 1.0, float(rank)]), "same normalize, return_stats, weights"),
+                      (dict(return_stats=bool(rank)), "same normalize, return_stats, weights")):
         z = [randn(4, 8, seed=k) for k in range(3)]
         with pytest.raises(ValueError) as err:
             pairwise_nce(*z, group=dist.group.WORLD, **kw)
         assert words in str(err.value), str(err.value)
+    # ids of different integer dtypes on different ranks compare as int64
+    z = [randn(4, 8, seed=k) for k in range(3)]
+    ids = torch.arange(4, dtype=torch.int32 if rank else torch.int64)
+    assert torch.isfinite(pairwise_nce(*z, ids=ids, group=dist.group.WORLD))
     # and the group still works afterwards (nothing was left half-communicated)
     z = [randn(3 + rank, 8, seed=k) for k in range(3)]
     assert torch.isfinite(pairwise_nce(*z, group=dist.group.WORLD))
