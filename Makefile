@@ -6,6 +6,9 @@ PY := $(VENV)/bin/python
 # torch==2.13.0: on the development/CI machines pip takes a CPU wheel from local disk (fast); elsewhere
 # it is the regular PyPI build. Override for another build, e.g. `make test TORCH=torch`.
 TORCH ?= torch==2.13.0
+# The peer the tests and the CPU benchmark compare with. Only its loss module is used, which needs torch alone;
+# without its dependencies, since they pull a torchvision (and with it a torch) of another build.
+OPEN_CLIP ?= open_clip_torch==3.3.0
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
@@ -15,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH)"
 	$(PIP) -e ".[dev,bench,train]"
+	$(PIP) --no-deps "$(OPEN_CLIP)"
 	@touch $@
 
 venv: $(STAMP)

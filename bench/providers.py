@@ -12,7 +12,13 @@ optional imports: one that does not import is returned as skipped with the reaso
     fastpair-triton-ids, fastpair-triton-smooth  the Triton kernels with ids / label smoothing (cuda)
     plain-pytorch        materialized N x N logits + F.cross_entropy both ways, input dtype (cpu, cuda)
     torch-compile        torch.compile of plain-pytorch, default options, one compiled function (cpu, cuda)
-    open_clip-x3         open_clip ClipLoss once per pair (cuda)
+    open_clip-x3         open_clip ClipLoss once per pair (cpu, cuda)
+  the sigmoid objective (pairwise_sigmoid, t = 0.1, b = -10, SigLIP's initialization):
+    fastpair-torch-sigmoid / fastpair-triton-sigmoid  the blocked PyTorch backend (cpu) / the kernels (cuda)
+    plain-sigmoid        materialized N x N logits + F.logsigmoid, input dtype (cpu, cuda)
+    compile-sigmoid      torch.compile of plain-sigmoid (cpu, cuda)
+    open_clip-siglip-x3  open_clip SigLipLoss once per pair (cpu, cuda)
+    siglip_kernel-x3     siglip-kernel's fused_siglip_loss once per pair (cuda; where it installs)
     inf_cl-x6            Inf-CL cal_inf_loss once per direction of each pair; D a multiple of 128 (cuda)
     memeff-x3            memeff MemoryEfficientCLIPLoss(stable=False) once per pair (cuda)
     gemm-floor           the 12 N x N x D matmuls any exact O(N*D)-memory method needs (fastpair.flops),
@@ -22,16 +28,20 @@ optional imports: one that does not import is returned as skipped with the reaso
 from __future__ import annotations
 
 import functools
+import importlib.util
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from fastpair import modality_pairs, pairwise_nce
-from fastpair.reference import pairwise_nce_reference
+from fastpair import modality_pairs, pairwise_nce, pairwise_sigmoid
+from fastpair.reference import pairwise_nce_reference, pairwise_sigmoid_reference
 
 TEMPERATURE = 0.07
+SIGMOID_TEMPERATURE, SIGMOID_BIAS = 0.1, -10.0
 M = 3
 PAIRS = modality_pairs(M)
 FLOOR = "gemm-floor"
@@ -96,15 +106,58 @@ def _plain(zs):
     return pairwise_nce_reference(*zs, temperature=TEMPERATURE, upcast=False)
 
 
-def _compiled() -> Callable:
-    compiled = torch.compile(lambda *z: pairwise_nce_reference(*z, temperature=TEMPERATURE, upcast=False))
+def _plain_sigmoid(zs):
+    return pairwise_sigmoid_reference(*zs, temperature=SIGMOID_TEMPERATURE, bias=SIGMOID_BIAS, upcast=False)
+
+
+def _compiled(plain=_plain) -> Callable:
+    compiled = torch.compile(lambda *z: plain(list(z)))
     return lambda zs: compiled(*zs)
 
 
-def _open_clip() -> Callable:
-    from open_clip.loss import ClipLoss
+def _sigmoid(backend: str) -> Callable:
+    return lambda zs: pairwise_sigmoid(*zs, temperature=SIGMOID_TEMPERATURE, bias=SIGMOID_BIAS, backend=backend)
 
-    clip = ClipLoss()
+
+def _open_clip_losses():
+    """open_clip's loss module. Where the package does not import (its __init__ needs a torchvision built for
+    this very torch, which CPU builds of torch lack), the module file alone: it needs torch only."""
+    try:
+        from open_clip import loss
+    except (ImportError, RuntimeError):
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None:
+            raise
+        path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+        loss = importlib.util.module_from_spec(importlib.util.spec_from_file_location("_open_clip_loss", path))
+        loss.__spec__.loader.exec_module(loss)
+    return loss
+
+
+def _open_clip_siglip() -> Callable:
+    siglip = _open_clip_losses().SigLipLoss()
+
+    def loss(zs):
+        xs = [F.normalize(z, dim=-1) for z in zs]
+        return sum(siglip(xs[p], xs[q], 1.0 / SIGMOID_TEMPERATURE, SIGMOID_BIAS) for p, q in PAIRS) / len(PAIRS)
+
+    return loss
+
+
+def _siglip_kernel() -> Callable:
+    from siglip_kernel import fused_siglip_loss
+
+    def loss(zs):
+        xs = [F.normalize(z, dim=-1) for z in zs]
+        log_scale = torch.tensor(math.log(1.0 / SIGMOID_TEMPERATURE), device=xs[0].device)
+        bias = torch.tensor(SIGMOID_BIAS, device=xs[0].device)
+        return sum(fused_siglip_loss(xs[p], xs[q], log_scale, bias) for p, q in PAIRS) / len(PAIRS)
+
+    return loss
+
+
+def _open_clip() -> Callable:
+    clip = _open_clip_losses().ClipLoss()
 
     def loss(zs):
         xs = [F.normalize(z, dim=-1) for z in zs]
@@ -151,9 +204,15 @@ _SPECS = [
     ("fastpair-torch-smooth", CPU, lambda: _fastpair("torch", label_smoothing=0.1), {}),
     ("torch-compile", BOTH, _compiled, {"compiles": True}),
     ("plain-pytorch", BOTH, lambda: _plain, {}),
-    ("open_clip-x3", CUDA, _open_clip, {}),
+    ("open_clip-x3", BOTH, _open_clip, {}),
     ("inf_cl-x6", CUDA, _inf_cl, {}),
     ("memeff-x3", CUDA, _memeff, {}),
+    ("fastpair-triton-sigmoid", CUDA, lambda: _sigmoid("triton"), {}),
+    ("fastpair-torch-sigmoid", CPU, lambda: _sigmoid("torch"), {}),
+    ("compile-sigmoid", BOTH, lambda: _compiled(_plain_sigmoid), {"compiles": True}),
+    ("plain-sigmoid", BOTH, lambda: _plain_sigmoid, {}),
+    ("open_clip-siglip-x3", BOTH, _open_clip_siglip, {}),
+    ("siglip_kernel-x3", CUDA, _siglip_kernel, {}),
 ]
 NAMES = [name for name, *_ in _SPECS]
 

@@ -28,8 +28,13 @@ from fastpair.flops import flop_count
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOOR = "gemm-floor"
-BASELINES = ("torch-compile", "plain-pytorch")
-HEADLINE = {"cpu": ("fastpair-torch", "fastpair"), "cuda": ("fastpair-triton", "fastpair-triton")}
+# Per device and objective: (ours, (its torch.compile baseline, its plain baseline), label in the table)
+HEADLINES = {
+    "cpu": [("fastpair-torch", ("torch-compile", "plain-pytorch"), "fastpair"),
+            ("fastpair-torch-sigmoid", ("compile-sigmoid", "plain-sigmoid"), "sigmoid")],
+    "cuda": [("fastpair-triton", ("torch-compile", "plain-pytorch"), "fastpair-triton"),
+             ("fastpair-triton-sigmoid", ("compile-sigmoid", "plain-sigmoid"), "sigmoid")],
+}
 # Digits: CPU steps take tens of ms to seconds, CUDA steps from below one ms
 FORMAT = {"cpu": {"ms": ".1f", "tflops": ".3f"}, "cuda": {"ms": ".2f", "tflops": ".1f"}}
 README_START, README_END = "<!-- bench:cpu:start -->", "<!-- bench:cpu:end -->"
@@ -38,7 +43,9 @@ GOALS = {"cpu": [(4096, 128, "fastpair-torch", "plain-pytorch", 0.5),
                  (4096, 128, "fastpair-torch", "gemm-floor", 1.2),
                  (4096, 128, "fastpair-torch", "torch-compile", 1.15),
                  (4096, 128, "fastpair-torch-ids", "fastpair-torch", 1.1),
-                 (4096, 128, "fastpair-torch-smooth", "fastpair-torch", 1.1)]}
+                 (4096, 128, "fastpair-torch-smooth", "fastpair-torch", 1.1),
+                 (4096, 128, "fastpair-torch-sigmoid", "plain-sigmoid", 0.5),
+                 (4096, 128, "fastpair-torch-sigmoid", "gemm-floor", 1.0)]}
 MEMORY_GOALS = {"cpu": [(16384, 128, "fastpair-torch", 160.0)]}
 
 
@@ -91,12 +98,11 @@ def derive(result: dict) -> dict:
         for r in prov.values():
             r["tflops"] = flop_count(n, d, num_pairs) / r["full_ms"] / 1e9
             r["vs_floor"] = r["full_ms"] / floor if floor else None
-    headline = HEADLINE[result["meta"]["kind"]][0]
     result["ratios"] = [
-        {"n": n, "d": d, "dtype": dtype,
-         **{f"vs_{o}": round(prov[headline]["full_ms"] / prov[o]["full_ms"], 3) for o in (FLOOR, *BASELINES)
-            if o in prov}}
-        for (dtype, n, d), prov in table.items() if headline in prov]
+        {"provider": name, "n": n, "d": d, "dtype": dtype,
+         **{f"vs_{o}": round(prov[name]["full_ms"] / prov[o]["full_ms"], 3) for o in (FLOOR, *baselines) if o in prov}}
+        for name, baselines, _ in HEADLINES[result["meta"]["kind"]]
+        for (dtype, n, d), prov in table.items() if name in prov]
     result["goals"] = goal_lines(result["meta"]["kind"], table)
     return result
 
@@ -142,9 +148,9 @@ def header(result: dict) -> str:
     return ", ".join(p for p in parts if p) + "; " + ", ".join(p for p in run if p)
 
 
-def headline_table(result: dict, dtype: str) -> list[str]:
+def headline_table(result: dict, dtype: str, headline) -> list[str]:
     kind = result["meta"]["kind"]
-    name, label = HEADLINE[kind]
+    name, baselines, label = headline
     ms_spec, tflops_spec = FORMAT[kind]["ms"], FORMAT[kind]["tflops"]
     lines = [f"| N | D | floor ms | {label} ms | compile ms | plain ms | {label} / floor | {label} / compile "
              f"| {label} / plain | {label} TFLOP/s | peak MiB {label} / compile / plain |",
@@ -152,11 +158,11 @@ def headline_table(result: dict, dtype: str) -> list[str]:
     for (dt, n, d), prov in _table(result["rows"]).items():
         if dt != dtype:
             continue
-        ms = {p: prov[p]["full_ms"] if p in prov else None for p in (FLOOR, name, *BASELINES)}
-        rel = [ms[name] / ms[p] if ms[name] and ms[p] else None for p in (FLOOR, *BASELINES)]
-        mem = " / ".join(_mib(prov.get(p, {}).get("peak_mib")) for p in (name, *BASELINES))
+        ms = {p: prov[p]["full_ms"] if p in prov else None for p in (FLOOR, name, *baselines)}
+        rel = [ms[name] / ms[p] if ms[name] and ms[p] else None for p in (FLOOR, *baselines)]
+        mem = " / ".join(_mib(prov.get(p, {}).get("peak_mib")) for p in (name, *baselines))
         tflops = prov[name]["tflops"] if name in prov else None
-        times = " | ".join(_fmt(ms[p], ms_spec) for p in (FLOOR, name, "torch-compile", "plain-pytorch"))
+        times = " | ".join(_fmt(ms[p], ms_spec) for p in (FLOOR, name, *baselines))
         lines.append(f"| {n} | {d} | {times} | {' | '.join(_ratio(x) for x in rel)} | {_fmt(tflops, tflops_spec)} "
                      f"| {mem} |")
     return lines
@@ -199,12 +205,14 @@ def markdown(result: dict) -> str:
     lines = [header(result), ""]
     if result.get("largest"):
         lines += [largest_line(result["largest"]), ""]
-    dtypes = _dtypes(rows)
-    for dtype in dtypes:
-        if len(dtypes) > 1:
-            lines += [f"### {dtype}: {HEADLINE[kind][0]} against the floor and the baselines", ""]
-        lines += [*headline_table(result, dtype), ""]
-    if set(r["provider"] for r in rows) - {FLOOR, HEADLINE[kind][0], *BASELINES}:
+    dtypes, names = _dtypes(rows), {r["provider"] for r in rows}
+    headlines = [h for h in HEADLINES[kind] if h[0] in names]
+    for headline in headlines:
+        for dtype in dtypes:
+            if len(dtypes) > 1 or len(headlines) > 1:
+                lines += [f"### {dtype}: {headline[0]} against the floor and the baselines", ""]
+            lines += [*headline_table(result, dtype, headline), ""]
+    if names - {FLOOR, *(p for h in headlines for p in (h[0], *h[1]))}:
         for dtype, d in dict.fromkeys((r["dtype"], r["d"]) for r in rows):
             lines += provider_tables(rows, dtype, d, FORMAT[kind]["ms"])
     if result.get("goals"):

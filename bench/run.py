@@ -7,8 +7,9 @@
 What is measured: one forward + backward of M=3 pairwise InfoNCE (3 pairs) per provider, its median time
 (bench/timing.py) and its peak memory growth (bench/memory.py); the floor is timed on the same inputs.
 All providers of a shape run back to back, so the ratios of the report come from one run.
-- CPU: float32, N in (1024, 4096, 16384) x D in (128, 512) (--quick: N=1024). Per provider, peak memory
-  first (a fresh process), then the timing: median of rounds after warm-up calls, schedule cpu_rounds.
+- CPU: float32, N in (1024, 4096, 16384) x D in (128, 512) (--quick: N=1024), the open_clip peers to 4096.
+  Per provider, peak memory first (a fresh process), then the timing: median of rounds after warm-up calls,
+  schedule cpu_rounds.
 - CUDA: bf16 at D=512 for N=1024 ... 65536 and at D=128 and D=1024 for N=4096 and 32768, fp32 at D=512
   for N=4096 and 32768 (--quick: bf16, D=512, N=4096 and 32768); then, unless --quick, --n or --d, one step of
   fastpair-triton at N=2^20, D=512, bf16 (fits? time, memory). Per provider a warm-up step (compilation,
@@ -47,7 +48,11 @@ CUDA_PLAN = {  # dtype -> D -> N, in run order
 }
 CUDA_QUICK = {"bfloat16": {512: [4096, 32768]}}
 CUDA_ALL_MODES = ("fastpair-triton", "fastpair-triton-det", "plain-pytorch")  # forward and backward too
-MAX_N = {"cpu": {}, "cuda": {"fastpair-torch": 16384}}
+PEERS_X3 = ("open_clip-x3", "open_clip-siglip-x3")
+MATERIALIZED = ("plain-pytorch", "torch-compile", "plain-sigmoid", "compile-sigmoid") + PEERS_X3  # N x N per pair
+# On CPU the peers (the materialized formula again, in open_clip's code) stop at N=4096: at 16384 a step
+# takes most of a minute on 2 cores and says nothing plain-pytorch does not.
+MAX_N = {"cpu": dict.fromkeys(PEERS_X3, 4096), "cuda": {"fastpair-torch": 16384}}
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -57,8 +62,8 @@ def cpu_rounds(n: int, provider: str) -> tuple[int, int]:
     warm-up to compile the new shape."""
     if n <= 4096:
         return 5, 1
-    if provider in ("plain-pytorch", "torch-compile"):
-        return 2, int(provider == "torch-compile")
+    if provider in MATERIALIZED:
+        return 2, int(provider in ("torch-compile", "compile-sigmoid"))
     return 3, 0
 
 

@@ -2,7 +2,7 @@
 
 from ._version import __version__
 from .call import modality_pairs
-from .loss import pairwise_nce
-from .module import PairwiseNCE
+from .loss import pairwise_nce, pairwise_sigmoid
+from .module import PairwiseNCE, PairwiseSigmoid
 
-__all__ = ["pairwise_nce", "PairwiseNCE", "modality_pairs", "__version__"]
+__all__ = ["pairwise_nce", "pairwise_sigmoid", "PairwiseNCE", "PairwiseSigmoid", "modality_pairs", "__version__"]

@@ -51,6 +51,7 @@ class Plan:
     call: Call
     scales: tuple[float, ...]
     block: int
+    biases: tuple[float, ...] = ()  # the sigmoid objective's b per pair, on the host
 
     def bounded(self, k: int, dtype: torch.dtype) -> bool:
         return self.call.normalize and self.scales[k] <= exp_bound(dtype)
@@ -93,6 +94,18 @@ def _normalize(z: torch.Tensor, cdtype: torch.dtype, normalize: bool):
     return (z / denom).contiguous(), 1.0 / denom  # divide, as F.normalize does
 
 
+def prepare(plan: Plan, embeddings):
+    """What every forward starts from: the compute dtype, N, this process's rows [r0, r1), the inputs in the
+    compute dtype (L2-normalized unless the call says not) with their inverse norms, and a (block, N) buffer
+    for the logits."""
+    cdtype = compute_dtype(embeddings[0].dtype)
+    n = embeddings[0].shape[0]
+    r0, r1 = plan.call.rows(n)
+    xs, invs = zip(*(_normalize(z, cdtype, plan.call.normalize) for z in embeddings))
+    buf = torch.empty(min(plan.block, max(r1 - r0, 1)), n, dtype=cdtype, device=embeddings[0].device)
+    return cdtype, n, r0, r1, xs, invs, buf
+
+
 def _normalize_backward(g: torch.Tensor, x: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     """Backward of x = z / max(||z||, eps): r * (g - x <x, g>) where the norm is above eps, r * g below."""
     active = inv < 1.0 / NORM_EPS  # ||z|| > eps (the clamp passes no gradient to the norm)
@@ -129,23 +142,12 @@ def _forward_pair(x, y, v, scale, bounded, block, stats, ids, buf, r0, r1):
     else:
         col = torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device)
         bias = _mask_bias(v) if v is not None else None
-    row_hits = col_best = col_arg = None
-    if stats:
-        row_hits = torch.zeros(r1 - r0, dtype=x.dtype, device=x.device)
-        col_best = torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device)
-        col_arg = torch.zeros(n, dtype=torch.long, device=x.device)
+    row_hits, col_best, col_arg = top1_buffers(r1 - r0, n, x) if stats else (None, None, None)
     for i0 in range(r0, r1, block):
         i1 = min(i0 + block, r1)
         s2 = torch.mm(xs[i0 - r0:i1 - r0], y.T, out=buf[: i1 - i0])
-        if stats:  # argmax over valid entries; exp2 below is monotone, so take it on the logits
-            cand = s2 if v is None else s2 + _mask_bias(v)[None, :] + _mask_bias(v[i0:i1])[:, None]
-            best = cand.argmax(dim=1)
-            row_hits[i0 - r0:i1 - r0] = top1_hits(ids, best, torch.arange(i0, i1, device=x.device)).to(x.dtype)
-            carg = cand.argmax(dim=0)  # first maximal row (max(dim) does not promise the first)
-            cbest = cand.gather(0, carg[None, :]).squeeze(0)
-            better = cbest > col_best  # strict: the first row block with the maximum wins
-            col_best = torch.where(better, cbest, col_best)
-            col_arg = torch.where(better, carg + i0, col_arg)
+        if stats:  # exp2 below is monotone, so the argmax is taken on the logits
+            col_best, col_arg = track_top1(s2, v, ids, i0, i1, r0, row_hits, col_best, col_arg)
         if bounded:
             e = torch.exp2(s2, out=s2)
             if v is None:
@@ -161,6 +163,25 @@ def _forward_pair(x, y, v, scale, bounded, block, stats, ids, buf, r0, r1):
             row[i0 - r0:i1 - r0] = _log2sumexp2(s2, dim=1)
             col = torch.logaddexp2(col, _log2sumexp2(s2, dim=0))
     return row, col, row_hits, col_best, col_arg
+
+
+def top1_buffers(rows: int, n: int, like: torch.Tensor):
+    """(row_hits, col_best, col_arg) for track_top1: no hits yet, no column maximum yet."""
+    return (torch.zeros(rows, dtype=like.dtype, device=like.device),
+            torch.full((n,), float("-inf"), dtype=like.dtype, device=like.device),
+            torch.zeros(n, dtype=torch.long, device=like.device))
+
+
+def track_top1(s, v, ids, i0: int, i1: int, r0: int, row_hits, col_best, col_arg):
+    """One row block [i0, i1) of S: its rows' top-1 hits into row_hits, and each column's best logit so far
+    and its first row (argmax over valid entries only). Returns the updated (col_best, col_arg)."""
+    cand = s if v is None else s + _mask_bias(v)[None, :] + _mask_bias(v[i0:i1])[:, None]
+    best = cand.argmax(dim=1)
+    row_hits[i0 - r0:i1 - r0] = top1_hits(ids, best, torch.arange(i0, i1, device=s.device)).to(row_hits.dtype)
+    carg = cand.argmax(dim=0)  # first maximal row (max(dim) does not promise the first)
+    cbest = cand.gather(0, carg[None, :]).squeeze(0)
+    better = cbest > col_best  # strict: the first row block with the maximum wins
+    return torch.where(better, cbest, col_best), torch.where(better, carg + i0, col_arg)
 
 
 def _merge_columns(shard, cols: list, bounded: list[bool]) -> None:
@@ -259,14 +280,9 @@ def _valid(call: Call, k: int, cdtype: torch.dtype) -> torch.Tensor | None:
 
 def _forward(ctx, plan: Plan, temperature, embeddings):
     call = plan.call
-    in_dtype = embeddings[0].dtype
-    cdtype = compute_dtype(in_dtype)
-    device = embeddings[0].device
-    n = embeddings[0].shape[0]
-    r0, r1 = call.rows(n)
+    in_dtype, device = embeddings[0].dtype, embeddings[0].device
+    cdtype, n, r0, r1, xs, invs, buf = prepare(plan, embeddings)
     num_pairs = len(call.pairs)
-    xs, invs = zip(*(_normalize(z, cdtype, call.normalize) for z in embeddings))
-    buf = torch.empty(min(plan.block, max(r1 - r0, 1)), n, dtype=cdtype, device=device)
 
     # 1. row statistics of this process's rows; column statistics merged over every rank's rows
     active = [k for k in range(num_pairs) if plan.active(k)]

@@ -33,20 +33,22 @@ def modality_pairs(num_modalities: int) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True, eq=False)
-class Temperature:
-    """t per pair: host numbers (`values`, checked) or a 0-d / (P,) tensor (`tensor`, values unread)."""
+class PerPair:
+    """A per-pair parameter (the temperature t, the sigmoid's bias b): host numbers (`values`, checked) or
+    a 0-d / (P,) tensor (`tensor`, values unread)."""
 
+    name: str  # "temperature" or "bias"
     values: tuple[float, ...] | None
     tensor: torch.Tensor | None
-    shape: tuple[int, ...]  # () or (P,): the shape dL/dt takes
+    shape: tuple[int, ...]  # () or (P,): the shape its gradient takes
 
     @property
     def learnable(self) -> bool:
         return self.tensor is not None and self.tensor.requires_grad
 
     def host_values(self, num_pairs: int) -> tuple[float, ...]:
-        """The P temperatures on the host; a tensor's are read (one small sync) and checked here."""
-        return self.values if self.values is not None else tuple(read_temperatures(self.tensor, num_pairs))
+        """The P values on the host; a tensor's are read (one small sync) and checked here."""
+        return self.values if self.values is not None else tuple(read_per_pair(self.name, self.tensor, num_pairs))
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,7 +57,7 @@ class Call:
     (fastpair.distributed): the embeddings and the mask are then the gathered global batch."""
 
     pairs: tuple[tuple[int, int], ...]  # (p, q): p is the "x" side
-    temperature: Temperature
+    temperature: PerPair
     weights: tuple[float, ...]
     mask: torch.Tensor | None
     ids: torch.Tensor | None  # (N,) int: equal ids are positives of each other; None: each sample alone
@@ -64,6 +66,8 @@ class Call:
     return_stats: bool
     backend: str  # "torch" or "triton": resolved from "auto"
     block_size: int | None  # rows per block of the torch backend (None: its default)
+    objective: str = "nce"  # "nce" (pairwise_nce) or "sigmoid" (pairwise_sigmoid)
+    bias: PerPair | None = None  # the sigmoid's b per pair
     shard: Shard | None = None  # this rank's rows of the gathered batch; None without a process group
 
     @property
@@ -82,15 +86,16 @@ class Call:
         return self.shard.offset, self.shard.offset + self.shard.rows
 
 
-def describe(embeddings, temperature, weights, mask, normalize, return_stats, backend, block_size, pairs=None,
-             ids=None, label_smoothing=0.0) -> Call:
-    """Check one call of pairwise_nce; raise ValueError/TypeError (RuntimeError: Triton missing) that says
-    what was expected."""
+def describe(embeddings, *, temperature, weights, mask, normalize, return_stats, backend, block_size, pairs=None,
+             ids=None, label_smoothing=0.0, objective="nce", bias=None) -> Call:
+    """Check one call of pairwise_nce (objective "nce") or pairwise_sigmoid ("sigmoid", with a bias); raise
+    ValueError/TypeError (RuntimeError: Triton missing) that says what was expected."""
     check_embeddings(embeddings)
     num_modalities = len(embeddings)
     pairs = check_pairs(pairs, num_modalities)
     z = embeddings[0]
-    temperature = _temperature(temperature, len(pairs))
+    temperature = _per_pair("temperature", temperature, len(pairs))
+    bias = None if objective == "nce" else _per_pair("bias", bias, len(pairs))
     weights = tuple(check_weights(weights, len(pairs)))
     if mask is not None:
         _check_mask(mask, num_modalities, z.shape[0], z.device)
@@ -104,7 +109,7 @@ def describe(embeddings, temperature, weights, mask, normalize, return_stats, ba
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     return Call(pairs=pairs, temperature=temperature, weights=weights, mask=mask, ids=ids,
                 label_smoothing=label_smoothing, normalize=normalize, return_stats=return_stats,
-                backend=_resolve_backend(backend, z), block_size=block_size)
+                backend=_resolve_backend(backend, z), block_size=block_size, objective=objective, bias=bias)
 
 
 def check_pairs(pairs, num_modalities: int) -> tuple[tuple[int, int], ...]:
@@ -194,11 +199,19 @@ def check_temperatures(temps) -> None:
             raise ValueError(f"temperature must be finite and > 0, got {temps if len(set(temps)) > 1 else t}")
 
 
-def read_temperatures(tensor: torch.Tensor, num_pairs: int) -> list[float]:
-    """A temperature tensor's P values on the host (one small sync), checked."""
+def check_biases(biases) -> None:
+    if not all(math.isfinite(b) for b in biases):
+        raise ValueError(f"bias must be finite, got {biases if len(set(biases)) > 1 else biases[0]}")
+
+
+_CHECKS = {"temperature": check_temperatures, "bias": check_biases}
+
+
+def read_per_pair(name: str, tensor: torch.Tensor, num_pairs: int) -> list[float]:
+    """A temperature's or bias's tensor: its P values on the host (one small sync), checked."""
     values = tensor.detach().to("cpu", torch.float64).reshape(-1).tolist()
     values = values * (num_pairs if tensor.dim() == 0 else 1)
-    check_temperatures(values)
+    _CHECKS[name](values)
     return values
 
 
@@ -219,24 +232,24 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def _temperature(value, num_pairs: int) -> Temperature:
+def _per_pair(name: str, value, num_pairs: int) -> PerPair:
     """A float, a sequence of P numbers, or a 0-d / (P,) floating-point tensor (its values unread)."""
     if isinstance(value, torch.Tensor):
         if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"temperature must be a floating-point tensor, got dtype {value.dtype}")
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
         if value.dim() not in (0, 1) or (value.dim() == 1 and value.numel() != num_pairs):
-            raise ValueError(f"temperature must be a 0-d tensor or a 1-d tensor with one entry per pair "
+            raise ValueError(f"{name} must be a 0-d tensor or a 1-d tensor with one entry per pair "
                              f"({num_pairs}), got shape {tuple(value.shape)}")
         if not value.is_floating_point():
-            raise TypeError(f"temperature tensor must be floating point, got {value.dtype}")
-        return Temperature(None, value, tuple(value.shape))
+            raise TypeError(f"{name} tensor must be floating point, got {value.dtype}")
+        return PerPair(name, None, value, tuple(value.shape))
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         values = [float(value)] * num_pairs
         shape: tuple[int, ...] = ()
     else:
-        values, shape = _host_numbers("temperature", value, num_pairs), (num_pairs,)
-    check_temperatures(values)
-    return Temperature(tuple(values), None, shape)
+        values, shape = _host_numbers(name, value, num_pairs), (num_pairs,)
+    _CHECKS[name](values)
+    return PerPair(name, tuple(values), None, shape)
 
 
 def _host_numbers(name: str, value, count: int) -> list[float]:

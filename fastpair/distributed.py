@@ -41,11 +41,12 @@ from .call import FLOAT_DTYPES as _DTYPES  # the header's dtype codes are positi
 
 # Header fields, one int64 each: ok, N_r, D, M, dtype code, has mask, backend code (0 torch, 1 triton),
 # has ids, crc32 of the pairs, the bits of label_smoothing as a float64, crc32 of the other options that
-# decide which collectives run (normalize, return_stats, weights, numeric temperatures or the tensor's shape)
+# decide which collectives run (objective, normalize, return_stats, weights, numeric temperatures and biases
+# or their tensors' shapes)
 _HEADER = 11
 _AGREED = (("embedding dimension D", 2), ("number of modalities M", 3), ("dtype", 4),
            ("backend (torch or triton)", 6), ("ids (all ranks or none)", 7), ("pairs, in the same order", 8),
-           ("label_smoothing", 9), ("normalize, return_stats, weights and temperature", 10))
+           ("label_smoothing", 9), ("loss, normalize, return_stats, weights, temperature and bias", 10))
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,8 +110,8 @@ def exchange(group, embeddings, call, error: Exception | None) -> Shard:
     if error is None:
         z = embeddings[0]
         eps_bits = struct.unpack("<q", struct.pack("<d", call.label_smoothing))[0]
-        t = call.temperature
-        options = (call.normalize, call.return_stats, call.weights, t.values if t.values is not None else t.shape)
+        options = (call.objective, call.normalize, call.return_stats, call.weights,
+                   *(p.values if p.values is not None else p.shape for p in (call.temperature, call.bias) if p))
         header = [1, z.shape[0], z.shape[1], len(embeddings), _DTYPES.index(z.dtype), int(call.mask is not None),
                   int(call.backend == "triton"), int(call.ids is not None), _crc(call.pairs), eps_bits,
                   _crc(options)]

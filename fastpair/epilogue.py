@@ -1,4 +1,4 @@
-"""Statistics -> loss: the one epilogue of every backend (torch and Triton alike).
+"""Statistics -> loss: the one epilogue of every backend (torch and Triton alike) and both objectives.
 
 A backend hands over, for every pair k = (p, q) and each row i this process computes (rows [r0, r1) of
 the batch: all N, or one rank's share under a process group), in natural-log units:
@@ -13,6 +13,8 @@ batch and W the world size:
     loss    = W * sum_k w'_k local_k / sum_k w'_k,        w'_k = w_k [n_k > 0]        (0 when every n_k = 0)
     coef_k  = W w'_k / (sum_k w'_k * 2 n_k)
 
+The sigmoid objective has one term per sample (its row): lse_row is the row's sum of softplus(S_ij + b),
+lse_col is 0 and target the positives' S_ij + b, and the 2 in the denominators is 1 (``directions``).
 Each rank returns W times its share, so the mean over ranks is the loss of the whole batch
 (fastpair.distributed). coef_k is d loss / d(a term of pair k): the backward's dL/dS = g coef_k (P + Q - 2T)
 for an incoming gradient g. Without a process group W = 1, r0 = 0, r1 = N and local_k = L_k.
@@ -37,11 +39,14 @@ class Finished:
     coef: torch.Tensor  # (P,) compute dtype, for the backward
 
 
-def finish(call: Call, n: int, lse_row, lse_col, target, hits=None, unit: float = 1.0) -> Finished:
+def finish(call: Call, n: int, lse_row, lse_col, target, hits=None, unit: float = 1.0,
+           directions: int = 2) -> Finished:
     """lse_row, lse_col, target: (P, rows) in the compute dtype, rows = this process's rows, in units of
     `unit` nats (1: natural logs; ln 2: base-2 logs, converted once, after the sum); target: the row's two
     target terms (2 S_ii, or fastpair.targets'); hits: (2, P) this process's row hits x->y and y->x
-    (counts over its valid rows), or None without return_stats."""
+    (counts over its valid rows), or None without return_stats. directions: 2 for InfoNCE (a row and a
+    column term per sample), 1 for the sigmoid objective, whose lse_row is the row's sum of softplus(S_ij + b),
+    lse_col 0 and target its positives' S_ij + b."""
     dtype, device = lse_row.dtype, lse_row.device
     terms = lse_row + lse_col - target
     if unit != 1.0:
@@ -52,11 +57,11 @@ def finish(call: Call, n: int, lse_row, lse_col, target, hits=None, unit: float 
         counts = valid.sum(dim=1).to(dtype)
     else:
         counts = torch.full((len(call.pairs),), float(n), dtype=dtype, device=device)
-    local = terms.sum(dim=1) / (2.0 * counts.clamp_min(1.0))
+    local = terms.sum(dim=1) / (directions * counts.clamp_min(1.0))
     weights = constant(call.weights, dtype, str(device)) * (counts > 0)
     total = weights.sum().clamp_min(torch.finfo(dtype).tiny)
     loss = call.world * (weights * local).sum() / total
-    coef = call.world * weights / (total * 2.0 * counts.clamp_min(1.0))
+    coef = call.world * weights / (total * directions * counts.clamp_min(1.0))
 
     accuracy = torch.zeros(len(call.pairs), 2, dtype=torch.float32, device=device)
     pair_losses = local

@@ -1,4 +1,4 @@
-"""Public entry point of the modality-pairwise InfoNCE loss: validate once, then dispatch."""
+"""The public loss functions, InfoNCE and sigmoid for every modality pair: validate once, then dispatch."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from . import distributed
 from ._torch_backend import pairwise_nce_torch
+from ._torch_sigmoid import pairwise_sigmoid_torch
 from .call import describe
 
 if TYPE_CHECKING:
@@ -73,10 +74,51 @@ def pairwise_nce(
     Returns:
         The loss, a 0-d tensor: float64 for float64 inputs, float32 otherwise; or (loss, stats).
     """
+    return _run(embeddings, group, return_stats, dict(
+        temperature=temperature, weights=weights, mask=mask, normalize=normalize, return_stats=return_stats,
+        backend=backend, block_size=block_size, pairs=pairs, ids=ids, label_smoothing=label_smoothing))
+
+
+def pairwise_sigmoid(
+    *embeddings: torch.Tensor,
+    temperature: float | Sequence[float] | torch.Tensor = 0.1,
+    bias: float | Sequence[float] | torch.Tensor = -10.0,
+    weights: Sequence[float] | torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    normalize: bool = True,
+    pairs: Sequence[tuple[int, int]] | None = None,
+    ids: torch.Tensor | None = None,
+    backend: str = "auto",
+    group: ProcessGroup | None = None,
+    return_stats: bool = False,
+    block_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""SigLIP's sigmoid loss (Zhai et al. 2023) of every modality pair, without materializing any N x N matrix.
+
+    Arguments as :func:`pairwise_nce` (without ``label_smoothing``), and
+
+        bias: float, 0-d tensor, or 1-d tensor with one entry per pair: b, finite. A tensor that requires
+            grad receives dL/db (learnable, shared or per pair). SigLIP initializes t = 0.1, b = -10.
+
+    For pair (p, q) over its valid samples V (n = |V|), with x, y the normalized z_p, z_q,
+    S_ij = <x_i, y_j> / t_pq and z_ij = +1 where ids_i == ids_j (by default i == j), -1 elsewhere:
+
+        L_pq = -(1/n) sum_{i in V} sum_{j in V} log sigmoid(z_ij (S_ij + b_pq))
+        loss = sum_pq w_pq L_pq / sum_pq w_pq      (over pairs with n > 0; 0 if there is none)
+
+    For M = 2 this is open_clip's ``SigLipLoss`` on one device (logit_scale = 1/t, logit_bias = b).
+    ``return_stats`` reports per-pair losses and top-1 in-batch retrieval accuracy, as pairwise_nce does.
+    """
+    return _run(embeddings, group, return_stats, dict(
+        temperature=temperature, weights=weights, mask=mask, normalize=normalize, return_stats=return_stats,
+        backend=backend, block_size=block_size, pairs=pairs, ids=ids, objective="sigmoid", bias=bias))
+
+
+def _run(embeddings, group, return_stats: bool, arguments: dict):
+    """Validate once (on every rank under a group), gather across ranks, dispatch to the backend."""
     world = 1 if group is None else distributed.world_size(group)
     try:
-        call, error = describe(embeddings, temperature, weights, mask, normalize, return_stats, backend,
-                               block_size, pairs, ids, label_smoothing), None
+        call, error = describe(embeddings, **arguments), None
     except (ValueError, TypeError, RuntimeError) as err:
         if world == 1:
             raise
@@ -84,7 +126,9 @@ def pairwise_nce(
     if world > 1:  # every rank learns whether every rank's input is valid before any rank waits in a collective
         embeddings, call = distributed.gather_call(group, embeddings, call, error)
 
-    if call.backend == "triton":
+    if call.objective == "sigmoid":
+        loss, pair_losses, accuracy = _sigmoid(embeddings, call)
+    elif call.backend == "triton":
         from .kernels.ops import pairwise_nce_triton
 
         loss, pair_losses, accuracy = pairwise_nce_triton(list(embeddings), call)
@@ -93,3 +137,11 @@ def pairwise_nce(
     if return_stats:
         return loss, {"pair_losses": pair_losses, "pair_accuracy": accuracy}
     return loss
+
+
+def _sigmoid(embeddings, call):
+    if call.backend == "triton":
+        from .kernels.sigmoid_ops import pairwise_sigmoid_triton
+
+        return pairwise_sigmoid_triton(list(embeddings), call)
+    return pairwise_sigmoid_torch(embeddings, call)

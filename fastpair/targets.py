@@ -49,16 +49,18 @@ def group_labels(ids: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Groups:
-    """Each sample's positives within one pair's valid set, and the smoothing weight."""
+    """Each sample's positives within one pair's valid set, and how a row's target weighs them: InfoNCE's
+    T_ij = (1 - eps) [j in P(i)] / |P(i)| + eps / n (mean=True), or the sigmoid's T_ij = [j in P(i)]."""
 
     labels: torch.Tensor | None  # (N,) group labels (None: each sample alone)
     valid: torch.Tensor | None  # (N,) 0/1 weights of the pair's valid samples (None: all)
-    sizes: torch.Tensor | None  # (N,) |P(i)|, at least 1
+    sizes: torch.Tensor | None  # (N,) |P(i)|, at least 1 (None without labels: 1)
     count: torch.Tensor  # 0-d: n = |V|
     eps: float
+    mean_over_group: bool
 
     @staticmethod
-    def of(labels, mask, pair: tuple[int, int], eps: float, like: torch.Tensor) -> Groups:
+    def of(labels, mask, pair: tuple[int, int], eps: float, like: torch.Tensor, mean: bool = True) -> Groups:
         """The groups of pair (p, q): its valid samples from the (M, N) mask (or all), positives by labels."""
         n, dtype = like.shape[0], like.dtype
         valid = None if mask is None else (mask[pair[0]] & mask[pair[1]]).to(dtype)
@@ -66,7 +68,7 @@ class Groups:
         sizes = None
         if labels is not None:
             sizes = torch.zeros_like(ones).index_add_(0, labels, ones)[labels].clamp_min(1.0)
-        return Groups(labels, valid, sizes, ones.sum(), eps)
+        return Groups(labels, valid, sizes, ones.sum(), eps, mean)
 
     def mean(self, y: torch.Tensor, over: tuple[int, int] | None = None, at: tuple[int, int] | None = None):
         """Rows i of sum_j T_ij y_j: summing over the j in `over` = [r0, r1) only when given, evaluated
@@ -82,7 +84,8 @@ class Groups:
         else:
             labels = self.labels if over is None else self.labels[over[0]:over[1]]
             out = torch.zeros_like(part).index_add_(0, labels, src)[self.labels]  # gathered: a new tensor
-            out.mul_(((1.0 - self.eps) / self.sizes)[:, None])
+            if self.mean_over_group:
+                out.mul_(((1.0 - self.eps) / self.sizes)[:, None])
         if at is not None:
             out = out[at[0]:at[1]]
         if self.eps:
@@ -90,22 +93,38 @@ class Groups:
         return out
 
 
-def target_terms(x, y, groups: Groups, scale: float, r0: int, r1: int) -> torch.Tensor:
-    """(r1 - r0,): <x_i, ybar_i> / t + <xbar_i, y_i> / t at this process's rows (the epilogue masks V)."""
-    ybar, xbar = groups.mean(y, at=(r0, r1)), groups.mean(x, at=(r0, r1))
-    return ((x[r0:r1] * ybar).sum(dim=1) + (xbar * y[r0:r1]).sum(dim=1)) * scale
+def target_terms(x, y, groups: Groups, scale: float, r0: int, r1: int, both: bool = True) -> torch.Tensor:
+    """(r1 - r0,) at this process's rows: <x_i, ybar_i> / t, plus <xbar_i, y_i> / t when `both` directions
+    have terms (InfoNCE; the sigmoid's sum over i and j has one). The epilogue masks V."""
+    terms = (x[r0:r1] * groups.mean(y, at=(r0, r1))).sum(dim=1)
+    if both:
+        terms = terms + (groups.mean(x, at=(r0, r1)) * y[r0:r1]).sum(dim=1)
+    return terms * scale
 
 
-def add_target_grads(x, y, groups: Groups, cx: torch.Tensor, cy: torch.Tensor, gx, gy, r0: int, r1: int) -> None:
-    """gx += cx t dA/dx and gy += cy t dA/dy (A of target_terms; cx, cy: 0-d, or (N, 1) per-row
-    coefficients), zero outside the pair's valid samples."""
+def add_target_grads(x, y, groups: Groups, cx, cy, gx, gy, r0: int, r1: int, both: bool = True) -> None:
+    """gx += cx t dA/dx and gy += cy t dA/dy for A the sum of target_terms over this process's valid rows
+    (cx, cy: 0-d, or (N, 1) per-row coefficients). The row terms sum_{i local} <x_i, ybar_i> give x_i
+    (i local) ybar_i and every y_b the sum over local i of T_ib x_i; the column terms, the same with x and y
+    swapped (T is symmetric). Zero outside the pair's valid samples."""
     local = None if (r0, r1) == (0, x.shape[0]) else (r0, r1)
-    for other, grad, c in ((y, gx, cx), (x, gy, cy)):
-        bar = groups.mean(other, over=local)
-        if local is None:
-            bar.mul_(2.0)  # [a local] ybar_a + ybar'_a, both the full sum
-        else:
-            bar[r0:r1] += groups.mean(other, at=local)
-        if groups.valid is not None:
-            bar.mul_(groups.valid[:, None])
-        grad.addcmul_(bar, c)
+    if local is None and both:  # no process group: both parts are the full sums
+        _accumulate(gx, groups.mean(y).mul_(2.0), cx, groups.valid)
+        _accumulate(gy, groups.mean(x).mul_(2.0), cy, groups.valid)
+        return
+    _accumulate(gx, groups.mean(y, at=(r0, r1)), cx, groups.valid, (r0, r1))
+    _accumulate(gy, groups.mean(x, over=local), cy, groups.valid)
+    if both:
+        _accumulate(gy, groups.mean(x, at=(r0, r1)), cy, groups.valid, (r0, r1))
+        _accumulate(gx, groups.mean(y, over=local), cx, groups.valid)
+
+
+def _accumulate(grad, bar, c, valid, rows: tuple[int, int] | None = None) -> None:
+    """grad[rows] += c[rows] * bar * valid[rows] (bar: a fresh tensor, scaled in place; c: 0-d or (N, 1))."""
+    if rows is not None:
+        grad = grad[rows[0]:rows[1]]
+        c = c[rows[0]:rows[1]] if c.dim() else c
+        valid = None if valid is None else valid[rows[0]:rows[1]]
+    if valid is not None:
+        bar.mul_(valid[:, None])
+    grad.addcmul_(bar, c)

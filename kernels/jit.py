@@ -77,12 +77,15 @@ def _valid(valid_ptr, a, b, offs, N, HAS_MASK: tl.constexpr):
 # N % 16 == 0, and for every such class of a panel's offsets): fewer compilations, same loads (the large
 # tile loads use the strides, which stay specialized).
 @triton.jit(do_not_specialize=["N", "ROW0", "N_ROWS", "N_BUCKET", "D_BUCKET"])
-def fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, dir_ptr,
+def fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, bias_ptr, dir_ptr,
                 lse_ptr, diag_ptr, arg_ptr, colsum_ptr,
                 N, ROW0, N_ROWS, D, stride_m, stride_n, N_BUCKET, D_BUCKET,
                 HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, ATOMIC_COLS: tl.constexpr, STATS: tl.constexpr,
+                SIGMOID: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr):
+    """Per row of one directed pair: log2-sum-exp2 of S2 (InfoNCE), or (SIGMOID) the sum of
+    softplus(S + b) over the valid columns, in nats; S2_ii; the first argmax (STATS)."""
     pid_m = tl.program_id(0)
     d = tl.program_id(1)
     a = tl.load(dir_ptr + 3 * d)
@@ -93,6 +96,9 @@ def fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, dir_ptr,
     in_rows = offs_m < ROW0 + N_ROWS
     row_ok = _valid(valid_ptr, a, b, offs_m, N, HAS_MASK) & in_rows
     row_f = tl.load(rnorm_ptr + a * N + offs_m, mask=in_rows, other=0.0) * tl.load(scale2_ptr + k)
+    bias = 0.0
+    if SIGMOID:
+        bias = tl.load(bias_ptr + k)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -106,27 +112,35 @@ def fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, dir_ptr,
                               BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
         if (start_n < m_start + BLOCK_M) & (start_n + BLOCK_N > m_start):  # tile meets the diagonal
             diag += tl.sum(tl.where(offs_m[:, None] == offs_n[None, :], s2, 0.0), axis=1)
+        if SIGMOID:
+            # softplus(u) = max(u, 0) + ln 2 * log2(1 + 2^(-|u| log2 e)), exact for every u = S + b
+            u = s2 * 0.6931471805599453 + bias
+            sp = tl.maximum(u, 0.0) + 0.6931471805599453 * tl.log2(1.0 + tl.exp2(-tl.abs(u) * 1.4426950408889634))
+            l_i += tl.sum(tl.where(col_ok[None, :], sp, 0.0), axis=1)
         s2 = tl.where(col_ok[None, :], s2, float("-inf"))
-        if BOUNDED:
-            # |S| <= 1/t <= 60: exp2 of the raw logits stays in fp32's normal range, no max needed
-            e = tl.exp2(s2)
-            l_i += tl.sum(e, axis=1)
-            if ATOMIC_COLS:
-                part = tl.sum(tl.where(row_ok[:, None], e, 0.0), axis=0)
-                tl.atomic_add(colsum_ptr + k * N + offs_n, part, mask=col_ok)
-        else:
-            # online log-sum-exp: l <- l * 2^(m_old - m_new) + sum 2^(s - m_new)
-            m_new = tl.maximum(m_i, tl.max(s2, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s2 - m_safe[:, None]), axis=1)
-            m_i = m_new
+        if not SIGMOID:
+            if BOUNDED:
+                # |S| <= 1/t <= 60: exp2 of the raw logits stays in fp32's normal range, no max needed
+                e = tl.exp2(s2)
+                l_i += tl.sum(e, axis=1)
+                if ATOMIC_COLS:
+                    part = tl.sum(tl.where(row_ok[:, None], e, 0.0), axis=0)
+                    tl.atomic_add(colsum_ptr + k * N + offs_n, part, mask=col_ok)
+            else:
+                # online log-sum-exp: l <- l * 2^(m_old - m_new) + sum 2^(s - m_new)
+                m_new = tl.maximum(m_i, tl.max(s2, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s2 - m_safe[:, None]), axis=1)
+                m_i = m_new
         if STATS:
             t_max = tl.max(s2, axis=1)
             t_arg = tl.argmax(s2, axis=1, tie_break_left=True).to(tl.int32) + start_n
             better = t_max > best  # strict: the first column block holding the maximum wins
             best = tl.where(better, t_max, best)
             best_idx = tl.where(better, t_arg, best_idx)
-    if BOUNDED:
+    if SIGMOID:
+        lse = l_i
+    elif BOUNDED:
         lse = tl.log2(l_i)
     else:
         lse = tl.where(m_i == float("-inf"), 0.0, m_i) + tl.log2(l_i)
@@ -139,17 +153,18 @@ def fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, dir_ptr,
 
 
 @triton.jit(do_not_specialize=["N", "k", "row0", "rows", "N_BUCKET", "D_BUCKET"])
-def grad_panel_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, lse_ptr, w_ptr, sgs_ptr, pair_ptr,
-                       k, row0, rows, N, D, stride_m, stride_n, N_BUCKET, D_BUCKET,
-                       HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, NEEDS_DT: tl.constexpr,
-                       IDENTITY: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       INPUT_PRECISION: tl.constexpr):
+def grad_panel_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, bias_ptr, coef_ptr, lse_ptr, w_ptr, sgs_ptr,
+                      sgb_ptr, pair_ptr, k, row0, rows, N, D, stride_m, stride_n, N_BUCKET, D_BUCKET,
+                      HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, NEEDS_DT: tl.constexpr,
+                      IDENTITY: tl.constexpr, SIGMOID: tl.constexpr, NEEDS_DB: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      INPUT_PRECISION: tl.constexpr):
     """One tile of W = diag(r_p) G diag(r_q) / t for the row panel [row0, row0 + rows) of pair k = (p, q).
 
-    G = dL/dS = c_k (P + Q - 2I) (IDENTITY) or c_k (P + Q) from the saved row (2k) and column (2k+1)
-    log2-sum-exp2. The panel then feeds two dense GEMMs on the host: dX_p[panel] r_p = W z_q and
-    dX_q r_q += W^T z_p[panel].
+    InfoNCE: G = dL/dS = c_k (P + Q - 2I) (IDENTITY) or c_k (P + Q) from the saved row (2k) and column
+    (2k+1) log2-sum-exp2. SIGMOID: G = c_k (sigmoid(S + b) - I) (IDENTITY) or c_k sigmoid(S + b). The panel
+    then feeds two dense GEMMs on the host: dX_p[panel] r_p = W z_q and dX_q r_q += W^T z_p[panel]. Per
+    tile partial sums: of G S2 (NEEDS_DT, for dL/dt) and of G (NEEDS_DB, for dL/db).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -164,19 +179,28 @@ def grad_panel_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, coef_ptr, lse_ptr
     ra = tl.load(rnorm_ptr + p * N + offs_m, mask=offs_m < N, other=0.0)
     s2, rb = _scaled_tile(z_ptr, rnorm_ptr, p, q, offs_m, offs_n, ra * scale2, N, D, stride_m, stride_n,
                           BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
-    lse_row = tl.load(lse_ptr + (2 * k) * N + offs_m, mask=row_ok, other=0.0)
-    lse_col = tl.load(lse_ptr + (2 * k + 1) * N + offs_n, mask=col_ok, other=0.0)
-    if BOUNDED:
-        g = tl.exp2(s2) * (tl.exp2(-lse_row)[:, None] + tl.exp2(-lse_col)[None, :])
+    if SIGMOID:
+        g = tl.sigmoid(s2 * 0.6931471805599453 + tl.load(bias_ptr + k))
     else:
-        g = tl.exp2(s2 - lse_row[:, None]) + tl.exp2(s2 - lse_col[None, :])
+        lse_row = tl.load(lse_ptr + (2 * k) * N + offs_m, mask=row_ok, other=0.0)
+        lse_col = tl.load(lse_ptr + (2 * k + 1) * N + offs_n, mask=col_ok, other=0.0)
+        if BOUNDED:
+            g = tl.exp2(s2) * (tl.exp2(-lse_row)[:, None] + tl.exp2(-lse_col)[None, :])
+        else:
+            g = tl.exp2(s2 - lse_row[:, None]) + tl.exp2(s2 - lse_col[None, :])
     ok = row_ok[:, None] & col_ok[None, :]
     g = tl.where(ok, g, 0.0)
-    if IDENTITY:  # T = I; other targets' part of G is added on the host (fastpair.targets)
-        g = tl.where(ok & (offs_m[:, None] == offs_n[None, :]), g - 2.0, g)
+    if IDENTITY:  # T = I (weight 2 in InfoNCE's P + Q - 2T, 1 in the sigmoid's); other targets: on the host
+        if SIGMOID:
+            g = tl.where(ok & (offs_m[:, None] == offs_n[None, :]), g - 1.0, g)
+        else:
+            g = tl.where(ok & (offs_m[:, None] == offs_n[None, :]), g - 2.0, g)
     g = g * tl.load(coef_ptr + k)
+    tile = pid_m * tl.num_programs(1) + pid_n
     if NEEDS_DT:
-        tl.store(sgs_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * s2, axis=1), axis=0))
+        tl.store(sgs_ptr + tile, tl.sum(tl.sum(g * s2, axis=1), axis=0))
+    if NEEDS_DB:
+        tl.store(sgb_ptr + tile, tl.sum(tl.sum(g, axis=1), axis=0))
     w = g * (ra * (scale2 * 0.6931471805599453))[:, None] * rb[None, :]
     w_ptrs = w_ptr + (offs_m - row0).to(tl.int64)[:, None] * N + offs_n[None, :]
     tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=in_panel[:, None] & (offs_n[None, :] < N))

@@ -33,6 +33,16 @@ class Staged:
     scale2: torch.Tensor  # (P,) fp32: log2(e) / t per pair, on the device
     pairs: tuple[tuple[int, int], ...]
     in_dtype: torch.dtype  # the inputs' dtype (z may be fp32 in the interpreter for bf16, see stage)
+    bias: torch.Tensor | None = None  # (P,) fp32: the sigmoid objective's b per pair (None: InfoNCE)
+
+    @property
+    def sigmoid(self) -> bool:
+        return self.bias is not None
+
+    @property
+    def bias_or_any(self) -> torch.Tensor:
+        """A pointer for the kernels' bias argument, which InfoNCE launches never read."""
+        return self.scale2 if self.bias is None else self.bias
 
 
 @dataclass(frozen=True)
@@ -47,7 +57,7 @@ class Swept:
     colsum: torch.Tensor | None
 
 
-def stage(zs, mask, scale2: torch.Tensor, pairs, normalize: bool, rnorm=None) -> Staged:
+def stage(zs, mask, scale2: torch.Tensor, pairs, normalize: bool, rnorm=None, bias=None) -> Staged:
     """Stack the inputs, cast the mask, and compute the inverse norms (or take the forward's `rnorm`)."""
     z = torch.stack([t.contiguous() for t in zs])
     in_dtype = z.dtype
@@ -64,7 +74,7 @@ def stage(zs, mask, scale2: torch.Tensor, pairs, normalize: bool, rnorm=None) ->
         valid = torch.empty(1, dtype=torch.int8, device=z.device)
     else:
         valid = mask.to(torch.int8).contiguous()
-    return Staged(z, valid, mask is not None, rnorm, scale2, tuple(pairs), in_dtype)
+    return Staged(z, valid, mask is not None, rnorm, scale2, tuple(pairs), in_dtype, bias)
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -76,16 +86,17 @@ def input_precision(dtype: torch.dtype) -> str:
 def forward(staged: Staged, bounded: bool, stats: bool, deterministic: bool, row0: int = 0,
             rows: int | None = None, cfg=None) -> Swept:
     """One launch for all pairs. bounded: normalized inputs and every 1/t <= exp_bound(float32)
-    (fastpair.numerics). The fast path (one direction per pair, column sums by fp32 atomics) unless
-    statistics, unbounded logits or torch.use_deterministic_algorithms ask for the atomic-free
-    two-direction sweep."""
+    (fastpair.numerics). InfoNCE: the fast path (one direction per pair, column sums by fp32 atomics)
+    unless statistics, unbounded logits or torch.use_deterministic_algorithms ask for the atomic-free
+    two-direction sweep. The sigmoid objective (staged.bias) needs no column statistics: one direction
+    per pair, both only for the column argmax of statistics."""
     z, pairs = staged.z, staged.pairs
     _, n, d = z.shape
     rows = n if rows is None else rows
     device = z.device
-    atomic = bounded and not stats and not deterministic
+    atomic = bounded and not stats and not deterministic and not staged.sigmoid
     directed = [(p, q, k) for k, (p, q) in enumerate(pairs)]
-    if not atomic:
+    if stats or not (atomic or staged.sigmoid):
         directed = [t for k, (p, q) in enumerate(pairs) for t in ((p, q, k), (q, p, k))]
     num_dir = len(directed)
     lse = torch.empty(num_dir, rows, dtype=torch.float32, device=device)
@@ -95,11 +106,11 @@ def forward(staged: Staged, bounded: bool, stats: bool, deterministic: bool, row
     # cfg: explicit tiles (bench/tune_gpu.py); by default the autotuned kernel picks them
     kernel, tiles = (tuning.fwd_tuned, {}) if cfg is None else (fwd_kernel, cfg)
     kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), num_dir)](
-        z, staged.rnorm, staged.valid, staged.scale2, constant(tuple(directed), torch.int32, str(device)),
-        lse, diag, args, colsum,
+        z, staged.rnorm, staged.valid, staged.scale2, staged.bias_or_any,
+        constant(tuple(directed), torch.int32, str(device)), lse, diag, args, colsum,
         n, row0, rows, d, z.stride(0), z.stride(1), *tuning.buckets(n, d),
-        HAS_MASK=staged.has_mask, BOUNDED=bounded, ATOMIC_COLS=atomic, STATS=stats,
-        INPUT_PRECISION=input_precision(staged.in_dtype), **tiles,
+        HAS_MASK=staged.has_mask, BOUNDED=bounded and not staged.sigmoid, ATOMIC_COLS=atomic, STATS=stats,
+        SIGMOID=staged.sigmoid, INPUT_PRECISION=input_precision(staged.in_dtype), **tiles,
     )
     return Swept(lse, diag, args if stats else None, colsum if atomic else None)
 
@@ -126,12 +137,15 @@ def _panel_shape(n: int, span: int, elem_bytes: int, cfg, panel_rows) -> tuple[i
 
 
 def backward(staged: Staged, lse: torch.Tensor, coef: torch.Tensor, bounded: bool, needs_dt: bool,
-             identity: bool = True, row0: int = 0, rows: int | None = None, cfg=None, panel_rows=None):
-    """dL/dx times r = 1/max(||z||, eps) per row (fp32, (M, N, D)) and per pair sum_ij G_ij S2_ij (or None).
+             identity: bool = True, row0: int = 0, rows: int | None = None, cfg=None, panel_rows=None,
+             needs_db: bool = False):
+    """dL/dx times r = 1/max(||z||, eps) per row (fp32, (M, N, D)), and per pair sum_ij G_ij S2_ij and
+    sum_ij G_ij (each None unless needs_dt / needs_db).
 
     lse: (2P, N) base-2 statistics (row 2k: pair k's rows, read at rows [row0, row0 + rows); row 2k+1:
-    its columns, read everywhere); coef: (P,) the incoming gradient times the epilogue's coefficients;
-    identity: G holds the -2I of identity targets (otherwise the caller adds the targets' part).
+    its columns, read everywhere; unread by the sigmoid objective); coef: (P,) the incoming gradient times
+    the epilogue's coefficients; identity: G holds the -T of identity targets (otherwise the caller adds
+    the targets' part).
     Per pair and row panel, one launch writes the panel of W = diag(r_p) G diag(r_q) / t (recomputing S),
     then two GEMMs take it to both gradients: the 4 N x N x D passes of the floor per pair, plus writing
     and twice reading W. Deterministic: no atomics, fixed summation order (cuBLAS needs
@@ -144,26 +158,31 @@ def backward(staged: Staged, lse: torch.Tensor, coef: torch.Tensor, bounded: boo
     height, min_m, min_n = _panel_shape(n, last - first, z.element_size(), cfg, panel_rows)
     w = torch.empty(height, n, dtype=z.dtype, device=device)
     dxw = torch.zeros(m, n, d, dtype=torch.float32, device=device)
-    sgs = torch.zeros(len(pairs), dtype=torch.float32, device=device)
-    part = torch.zeros(triton.cdiv(height, min_m) * triton.cdiv(n, min_n), dtype=torch.float32, device=device)
+    sgs, sgb = (torch.zeros(len(pairs), dtype=torch.float32, device=device) for _ in range(2))
+    tiles_max = triton.cdiv(height, min_m) * triton.cdiv(n, min_n)
+    part, part_b = (torch.zeros(tiles_max, dtype=torch.float32, device=device) for _ in range(2))
     pair_table = constant(pairs, torch.int32, str(device))
     kernel, tiles = (tuning.panel_tuned, {}) if cfg is None else (grad_panel_kernel, cfg)
     for k, (p, q) in enumerate(pairs):
         for start in range(first, last, height):
             r = min(height, last - start)
-            if needs_dt:
-                part.zero_()  # a launch writes one partial per tile: none may stay from a larger grid
+            for needed, partials in ((needs_dt, part), (needs_db, part_b)):
+                if needed:
+                    partials.zero_()  # a launch writes one partial per tile: none may stay from a larger grid
             kernel[lambda meta, r=r: (triton.cdiv(r, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
-                z, staged.rnorm, staged.valid, staged.scale2, coef, lse, w, part, pair_table,
-                k, start, r, n, d, z.stride(0), z.stride(1), *tuning.buckets(n, d),
-                HAS_MASK=staged.has_mask, BOUNDED=bounded, NEEDS_DT=needs_dt, IDENTITY=identity,
+                z, staged.rnorm, staged.valid, staged.scale2, staged.bias_or_any, coef, lse, w, part, part_b,
+                pair_table, k, start, r, n, d, z.stride(0), z.stride(1), *tuning.buckets(n, d),
+                HAS_MASK=staged.has_mask, BOUNDED=bounded and not staged.sigmoid, NEEDS_DT=needs_dt,
+                IDENTITY=identity, SIGMOID=staged.sigmoid, NEEDS_DB=needs_db,
                 INPUT_PRECISION=input_precision(staged.in_dtype), **tiles,
             )
             if needs_dt:
                 sgs[k] += part.sum()
+            if needs_db:
+                sgb[k] += part_b.sum()
             _accumulate(dxw[p, start:start + r], w[:r], z[q])
             _accumulate(dxw[q], w[:r].T, z[p, start:start + r])
-    return dxw, (sgs if needs_dt else None)  # dL/dx * r: W carries r_p r_q
+    return dxw, (sgs if needs_dt else None), (sgb if needs_db else None)  # dL/dx * r: W carries r_p r_q
 
 
 def input_grads(dxw: torch.Tensor, staged: Staged, normalize: bool) -> torch.Tensor:

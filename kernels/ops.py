@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fastpair import distributed, epilogue
-from fastpair.call import Call, Temperature, read_temperatures
+from fastpair.call import Call, PerPair, read_per_pair
 from fastpair.numerics import LN2, LOG2E, exp_bound
 from fastpair.tables import constant, pair_valid
 from fastpair.targets import Groups, add_target_grads, group_labels, identity_targets, target_terms, top1_hits
@@ -30,10 +30,11 @@ def _call(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank
           label_smoothing) -> Call:
     """The Call the public function validated, rebuilt from the op's flattened arguments."""
     pairs = _unflatten(pairs)
-    values = tuple(known_t) if known_t else tuple(read_temperatures(temperature, len(pairs)))
-    return Call(pairs=pairs, temperature=Temperature(values, None, (len(pairs),)), weights=tuple(weights), mask=mask,
-                ids=ids, label_smoothing=label_smoothing, normalize=normalize, return_stats=stats,
-                backend="triton", block_size=None, shard=distributed.shard_from_op_arguments(sizes, rank, group))
+    values = tuple(known_t) if known_t else tuple(read_per_pair("temperature", temperature, len(pairs)))
+    temperature = PerPair("temperature", values, None, (len(pairs),))
+    return Call(pairs=pairs, temperature=temperature, weights=tuple(weights), mask=mask, ids=ids,
+                label_smoothing=label_smoothing, normalize=normalize, return_stats=stats, backend="triton",
+                block_size=None, shard=distributed.shard_from_op_arguments(sizes, rank, group))
 
 
 def _unflatten(pairs: list[int]) -> tuple[tuple[int, int], ...]:
@@ -168,7 +169,7 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
         staged = launch.stage(zs, mask, _scale2(temperature), _unflatten(pairs), normalize, rnorm=rnorm)
         c = (grad.float() * coef).contiguous()
-        dxw, sgs = launch.backward(staged, lse, c, bool(bounded.item()), needs_dt, identity, row0=r0, rows=rows)
+        dxw, sgs, _ = launch.backward(staged, lse, c, bool(bounded.item()), needs_dt, identity, row0=r0, rows=rows)
         scale = 1.0 / temperature.float()
         if not identity:
             _add_target_grads(staged, mask, ids, label_smoothing, c, scale, dxw, r0, r0 + rows)
@@ -228,21 +229,22 @@ def _backward(ctx, grad_loss, *_unused):
 pairwise_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _device_values(parameter: PerPair, num_pairs: int, device) -> tuple[torch.Tensor, list[float]]:
+    """A temperature or bias as the ops take it: a (P,) fp32 tensor (the gradient flows through a tensor
+    argument), and its host values when the caller gave numbers ([] for a tensor: read inside the op)."""
+    if parameter.values is None:
+        value = parameter.tensor.to(device=device, dtype=torch.float32).reshape(-1)
+        return (value.expand(num_pairs).contiguous() if value.numel() == 1 else value), []
+    known = list(parameter.values)
+    if torch.compiler.is_compiling():  # a constant of the graph (dynamo does not trace lru_cache)
+        return torch.tensor(known, dtype=torch.float32, device=device), known
+    return constant(tuple(known), torch.float32, str(device)), known
+
+
 def pairwise_nce_triton(zs, call: Call):
     """(loss, pair_losses, accuracy) of a validated call through the custom ops. A temperature tensor
     keeps its gradient; its values are read and checked inside the forward op (one small host sync)."""
-    device = zs[0].device
-    num_pairs = len(call.pairs)
-    if call.temperature.values is None:
-        t = call.temperature.tensor.to(device=device, dtype=torch.float32).reshape(-1)
-        t = t.expand(num_pairs).contiguous() if t.numel() == 1 else t
-        known: list[float] = []
-    else:
-        known = list(call.temperature.values)
-        if torch.compiler.is_compiling():  # a constant of the graph (dynamo does not trace lru_cache)
-            t = torch.tensor(known, dtype=torch.float32, device=device)
-        else:
-            t = constant(tuple(known), torch.float32, str(device))
+    t, known = _device_values(call.temperature, len(call.pairs), zs[0].device)
     pairs = [i for pair in call.pairs for i in pair]
     sizes, rank, group = distributed.op_arguments(call.shard)
     try:

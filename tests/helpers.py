@@ -3,10 +3,16 @@ the reference check every loss test runs, and small data files."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
+import pytest
 import torch
 
-from fastpair import pairwise_nce
-from fastpair.reference import pairwise_nce_reference
+from fastpair import pairwise_nce, pairwise_sigmoid
+from fastpair.reference import pairwise_nce_reference, pairwise_sigmoid_reference
+
+OBJECTIVES = {"nce": (pairwise_nce, pairwise_nce_reference), "sigmoid": (pairwise_sigmoid, pairwise_sigmoid_reference)}
 
 # Per compute dtype: (rtol, atol relative to the largest reference magnitude). 16-bit inputs are compared
 # against PyTorch's own same-dtype error instead (see assert_within_torch_error).
@@ -82,6 +88,22 @@ def write_small_npz(path, seed=0, nan_at=None, no_audio=None) -> str:
     return str(path)
 
 
+def open_clip_loss():
+    """open_clip's loss module (ClipLoss, SigLipLoss), loaded from the installed open_clip_torch by path.
+
+    The module needs torch only; the open_clip package's __init__ also imports torchvision, whose wheels are
+    tied to one torch build (none matches the CPU torch of the development machines), so the peer's losses are
+    tested without it. Skips where open_clip_torch is not installed."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("open_clip_torch is not installed")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    module_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def triton_runs() -> bool:
     from fastpair.kernels import available, interpreter
 
@@ -98,6 +120,21 @@ def _temperature_arg(temperature, learnable, dtype=torch.float64):
     return torch.tensor(temperature, dtype=dtype, requires_grad=True)
 
 
+def case_kwargs(case: dict, n: int, m: int = 3, mask_seed: int = 5) -> dict:
+    """A test case's keyword arguments made concrete: ids "clips" (two crops per clip) or "labels" (4
+    classes), mask=True a random mask in which sample 0 has every modality."""
+    kw = dict(case)
+    if kw.get("ids") == "clips":
+        kw["ids"] = torch.arange(n) // 2
+    elif kw.get("ids") == "labels":
+        kw["ids"] = torch.randint(0, 4, (n,), generator=torch.Generator().manual_seed(n))
+    if kw.pop("mask", False):
+        mask = torch.rand(m, n, generator=torch.Generator().manual_seed(mask_seed)) > 0.3
+        mask[:, 0] = True
+        kw["mask"] = mask
+    return kw
+
+
 def small(n: int, backend: str) -> int:
     """Shapes for the Triton interpreter stay small (it emulates every block op on the CPU)."""
     return min(n, 33) if backend == "triton" and not torch.cuda.is_available() else n
@@ -109,21 +146,26 @@ def on(zs, backend):
     return [z.detach().to(dev).requires_grad_(z.requires_grad) for z in zs]
 
 
-def check_against_reference(zs, backend="torch", temperature=0.07, learnable=False, block_size=None, **kw):
-    """Run fastpair and the float64 reference on the same inputs; compare loss, grads, dt and stats."""
+def check_against_reference(zs, backend="torch", temperature=0.07, learnable=False, block_size=None,
+                            objective="nce", bias=None, **kw):
+    """Run fastpair and the float64 reference on the same inputs; compare loss, grads, dt (and, for the
+    sigmoid objective, db) and stats. learnable: the temperature and the bias are tensors that learn."""
+    loss_fn, ref_fn = OBJECTIVES[objective]
     dtype = zs[0].dtype
     cdtype = torch.float64 if dtype == torch.float64 else torch.float32
     zs = on(zs, backend)
     kw = {key: (v.to(zs[0].device) if isinstance(v, torch.Tensor) else v) for key, v in kw.items()}
-    t_ours = _temperature_arg(temperature, learnable)
-    loss, stats = pairwise_nce(*zs, temperature=t_ours, backend=backend, return_stats=True,
-                               block_size=block_size, **kw)
+    if objective == "sigmoid":
+        kw["bias"] = -10.0 if bias is None else bias
+    params = {"temperature": temperature, **({"bias": kw.pop("bias")} if "bias" in kw else {})}
+    ours = {key: _temperature_arg(v, learnable) for key, v in params.items()}
+    loss, stats = loss_fn(*zs, **ours, backend=backend, return_stats=True, block_size=block_size, **kw)
     loss.backward()
 
     refs = [z.detach().cpu().double().requires_grad_() for z in zs]
-    t_ref = _temperature_arg(temperature, learnable)
+    theirs = {key: _temperature_arg(v, learnable) for key, v in params.items()}
     kw = {key: (v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in kw.items()}
-    ref_loss, ref_stats = pairwise_nce_reference(*refs, temperature=t_ref, return_stats=True, **kw)
+    ref_loss, ref_stats = ref_fn(*refs, **theirs, return_stats=True, **kw)
     ref_loss.backward()
 
     scale = condition_scale(temperature if not isinstance(temperature, list) else min(temperature))
@@ -137,8 +179,9 @@ def check_against_reference(zs, backend="torch", temperature=0.07, learnable=Fal
         assert z.grad.dtype == z.dtype
         assert_close(z.grad, r.grad, cdtype, scale, f"grad of embedding {m}", magnitude=grad_size)
     if learnable:
-        assert t_ours.grad.shape == t_ours.shape
-        assert_close(t_ours.grad, t_ref.grad, cdtype, scale, "grad of temperature")
+        for key, value in ours.items():
+            assert value.grad.shape == value.shape
+            assert_close(value.grad, theirs[key].grad, cdtype, scale, f"grad of {key}")
     assert_close(stats["pair_losses"], ref_stats["pair_losses"], torch.float32, scale, "pair_losses")
     assert stats["pair_accuracy"].dtype == torch.float32
     assert stats["pair_losses"].dtype == torch.float32

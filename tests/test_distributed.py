@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import assert_close, condition_scale, randn, triton_runs
 
-from fastpair import PairwiseNCE, pairwise_nce
+from fastpair import PairwiseNCE, pairwise_nce, pairwise_sigmoid
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -79,6 +79,15 @@ CASES = [
     ("anchor-ids", (5, 4), 4, 5, dict(temperature="learn", pairs=[(0, 1), (0, 2), (3, 0)], ids=True)),
     ("smoothing-unnormalized", (4, 6), 3, 6, dict(temperature=0.5, label_smoothing=0.2, normalize=False)),
 ]
+# pairwise_sigmoid: bias "learn" / "per_pair" like the temperature
+SIGMOID_CASES = [
+    ("sigmoid-equal", (6, 6), 3, 8, dict(temperature=0.1, bias=-2.0)),
+    ("sigmoid-learned-mask-stats", (5, 8), 3, 8, dict(temperature="per_pair", bias="per_pair", weights=[1.0, 2.0, 0.5],
+                                                      mask=True, return_stats=True, block_size=3)),
+    ("sigmoid-ids-anchor", (5, 4), 4, 5, dict(temperature="learn", bias="learn", pairs=[(0, 1), (0, 2), (3, 0)],
+                                              ids=True)),
+    ("sigmoid-unnormalized", (4, 7), 3, 6, dict(temperature=0.5, bias=-1.0, normalize=False, mask=True)),
+]
 
 
 def _inputs(sizes, m, d, kwargs, seed, dtype, device):
@@ -86,10 +95,11 @@ def _inputs(sizes, m, d, kwargs, seed, dtype, device):
     zs = [randn(n, d, seed=seed * 10 + k, dtype=dtype, device=device) for k in range(m)]
     kw = dict(kwargs)
     num_pairs = len(kw["pairs"]) if "pairs" in kw else m * (m - 1) // 2
-    if kw.get("temperature") == "learn":
-        kw["temperature"] = torch.tensor(0.1, dtype=torch.float64, device=device)
-    elif kw.get("temperature") == "per_pair":
-        kw["temperature"] = torch.linspace(0.05, 0.2, num_pairs, dtype=torch.float64, device=device)
+    for key, single, low, high in (("temperature", 0.1, 0.05, 0.2), ("bias", -2.0, -3.0, 0.5)):
+        if kw.get(key) == "learn":
+            kw[key] = torch.tensor(single, dtype=torch.float64, device=device)
+        elif kw.get(key) == "per_pair":
+            kw[key] = torch.linspace(low, high, num_pairs, dtype=torch.float64, device=device)
     if kw.get("mask"):
         g = torch.Generator().manual_seed(seed + 7)
         mask = torch.rand(m, n, generator=g) > 0.25
@@ -100,9 +110,16 @@ def _inputs(sizes, m, d, kwargs, seed, dtype, device):
     return zs, kw
 
 
-def _compare(rank, backend, dtype, deterministic):
+def _learnable(kw: dict) -> dict:
+    """Fresh leaves for the tensor temperature and bias of kw (so that each run has its own gradients)."""
+    return {key: v.clone().requires_grad_() for key, v in kw.items()
+            if key in ("temperature", "bias") and isinstance(v, torch.Tensor)}
+
+
+def _compare(rank, backend, dtype, deterministic, objective="nce"):
     torch.use_deterministic_algorithms(deterministic)
-    for seed, (name, sizes, m, d, kwargs) in enumerate(CASES):
+    loss_fn, cases = (pairwise_nce, CASES) if objective == "nce" else (pairwise_sigmoid, SIGMOID_CASES)
+    for seed, (name, sizes, m, d, kwargs) in enumerate(cases):
         if dtype == torch.float64 and backend == "triton":
             continue
         zs, kw = _inputs(sizes, m, d, kwargs, seed, dtype, "cpu")
@@ -111,21 +128,21 @@ def _compare(rank, backend, dtype, deterministic):
 
         # single process, whole batch
         full = [z.clone().requires_grad_() for z in zs]
-        t_full = t.clone().requires_grad_() if learn else t
-        out = pairwise_nce(*full, **{**kw, "temperature": t_full}, backend=backend)
+        params_full = _learnable(kw)
+        out = loss_fn(*full, **{**kw, **params_full}, backend=backend)
         loss, stats = out if kw.get("return_stats") else (out, None)
         loss.backward()
 
         # this rank's share
         rows = _split(sizes, rank)
         local = [z[rows].clone().requires_grad_() for z in zs]
-        t_local = t.clone().requires_grad_() if learn else t
-        local_kw = {**kw, "temperature": t_local}
+        params_local = _learnable(kw)
+        local_kw = {**kw, **params_local}
         if "mask" in kw:
             local_kw["mask"] = kw["mask"][:, rows].contiguous()
         if "ids" in kw:
             local_kw["ids"] = kw["ids"][rows].contiguous()
-        out = pairwise_nce(*local, **local_kw, backend=backend, group=dist.group.WORLD)
+        out = loss_fn(*local, **local_kw, backend=backend, group=dist.group.WORLD)
         dloss, dstats = out if kw.get("return_stats") else (out, None)
         dloss.backward()
 
@@ -135,16 +152,17 @@ def _compare(rank, backend, dtype, deterministic):
         for k, (a, b) in enumerate(zip(local, full)):
             assert_close(a.grad, WORLD * b.grad[rows], dtype=dtype, scale=scale, name=f"{where}: grad {k}",
                          magnitude=WORLD * b.grad.abs().max().item())
-        if learn:
-            assert_close(_mean_over_ranks(t_local.grad), t_full.grad, dtype=dtype, name=f"{where}: dL/dt")
+        for key, param in params_local.items():
+            assert_close(_mean_over_ranks(param.grad), params_full[key].grad, dtype=dtype, name=f"{where}: d/d{key}")
         if stats is not None:
             for key in ("pair_losses", "pair_accuracy"):
                 assert_close(dstats[key], stats[key], name=f"{where}: {key}")
 
 
+@pytest.mark.parametrize("objective", ["nce", "sigmoid"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_torch_backend_matches_single_process(dtype):
-    run_ranks(_compare, "torch", dtype, False)
+def test_torch_backend_matches_single_process(dtype, objective):
+    run_ranks(_compare, "torch", dtype, False, objective)
 
 
 def _interpreter() -> bool:
@@ -155,9 +173,10 @@ def _interpreter() -> bool:
 
 # In Triton's interpreter on CPU tensors: on a one-GPU machine two ranks cannot each have a GPU (NCCL).
 @pytest.mark.skipif(not _interpreter(), reason="runs the Triton kernels in Triton's interpreter (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("objective", ["nce", "sigmoid"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast-path", "deterministic"])
-def test_triton_backend_matches_single_process(deterministic):
-    run_ranks(_compare, "triton", torch.float32, deterministic)
+def test_triton_backend_matches_single_process(deterministic, objective):
+    run_ranks(_compare, "triton", torch.float32, deterministic, objective)
 
 
 def _low_precision_and_compile(rank):
@@ -243,8 +262,8 @@ def _errors(rank):
     for kw, words in ((dict(label_smoothing=0.1 * rank), "same label_smoothing; per rank: [0.0, 0.1]"),
                       (dict(pairs=[(0, 1)] if rank else [(0, 2)]), "same pairs"),
                       (dict(ids=torch.arange(4) if rank else None), "same ids (all ranks or none)"),
-                      (dict(weights=[1.0, 1.0, float(rank)]), "same normalize, return_stats, weights"),
-                      (dict(return_stats=bool(rank)), "same normalize, return_stats, weights")):
+                      (dict(weights=[1.0, 1.0, float(rank)]), "same loss, normalize, return_stats, weights"),
+                      (dict(return_stats=bool(rank)), "same loss, normalize, return_stats, weights")):
         z = [randn(4, 8, seed=k) for k in range(3)]
         with pytest.raises(ValueError) as err:
             pairwise_nce(*z, group=dist.group.WORLD, **kw)

@@ -6,7 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, check_against_reference, device_for, make_embeddings, on, randn, small
+from helpers import (
+    assert_close,
+    case_kwargs,
+    check_against_reference,
+    device_for,
+    make_embeddings,
+    on,
+    randn,
+    small,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,16 +47,7 @@ CASES = {
 
 
 def _kwargs(case: str, n: int, m: int = 3):
-    kw = dict(CASES[case])
-    if kw.get("ids") == "clips":
-        kw["ids"] = clip_ids(n)
-    elif kw.get("ids") == "labels":
-        kw["ids"] = label_ids(n, 4, seed=n)
-    if kw.pop("mask", False):
-        mask = torch.rand(m, n, generator=torch.Generator().manual_seed(5)) > 0.3
-        mask[:, 0] = True
-        kw["mask"] = mask
-    return kw
+    return case_kwargs(CASES[case], n, m)
 
 
 @pytest.mark.parametrize("case", list(CASES))

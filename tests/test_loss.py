@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import check_against_reference, device_for, make_embeddings, on, randn, small
+import torch.nn.functional as F
+from helpers import check_against_reference, device_for, make_embeddings, on, open_clip_loss, randn, small
 
 from fastpair import modality_pairs, pairwise_nce
 from fastpair.reference import clip_loss_reference, pairwise_nce_reference
@@ -157,13 +158,17 @@ def test_two_modalities_equal_clip(n, backend):
     assert torch.allclose(ours, clip_loss_reference(image, text, 1 / 0.07), atol=1e-5)
 
 
-def test_two_modalities_equal_open_clip():
-    open_clip_loss = pytest.importorskip("open_clip.loss")
-    image, text = make_embeddings(2, 33, 16, seed=14, requires_grad=False)
-    import torch.nn.functional as F
-
-    expected = open_clip_loss.ClipLoss()(F.normalize(image, dim=-1), F.normalize(text, dim=-1), 1 / 0.07)
-    assert torch.allclose(pairwise_nce(image, text, temperature=0.07), expected, atol=1e-5)
+@pytest.mark.parametrize("temperature", [0.07, 0.01])
+def test_two_modalities_equal_open_clip(temperature, backend):
+    """open_clip's ClipLoss on normalized features with logit_scale = 1/t: loss and gradients."""
+    peer = open_clip_loss().ClipLoss()
+    image, text = on(make_embeddings(2, small(33, backend), 16, seed=14), backend)
+    ours = pairwise_nce(image, text, temperature=temperature, backend=backend)
+    ours_grads = torch.autograd.grad(ours, (image, text))
+    expected = peer(F.normalize(image, dim=-1), F.normalize(text, dim=-1), 1 / temperature)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(ours_grads, torch.autograd.grad(expected, (image, text))):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("temperature,mask", [(0.1, False), (0.003, False), (0.1, True)])

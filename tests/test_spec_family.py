@@ -13,69 +13,29 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import math
-import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+from spec_inputs import (
+    BAD_PAIRS,
+    F64,
+    N_BAD,
+    RTOL,
+    assert_near,
+    make_embeddings,
+    make_ids,
+    make_mask,
+    pair_logits,
+    retrieval_accuracy,
+    skip_if_triton_missing,
+)
 
 import fastpair
-
-F64 = torch.float64
-RTOL = {torch.float64: 1e-9, torch.float32: 1e-5}
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------------------
-
-
-def make_embeddings(M, N, D, dtype, seed, scale=1.0):
-    """M correlated (N, D) embeddings (a shared component plus per-modality noise), so retrieval has both
-    hits and misses."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(N, D, generator=g, dtype=F64)
-    out = []
-    for _ in range(M):
-        z = (base + 0.9 * torch.randn(N, D, generator=g, dtype=F64)) * scale
-        out.append(z.to(dtype))
-    return out
-
-
-def make_ids(kind, N, seed):
-    g = torch.Generator().manual_seed(seed + 1000)
-    if kind is None:
-        return None
-    if kind == "groups":  # several samples per id, contiguous small labels
-        return torch.randint(0, max(2, N // 3), (N,), generator=g)
-    if kind == "sparse":  # several samples per id, large non-contiguous labels
-        G = max(2, N // 4)
-        table = torch.randperm(1000, generator=g)[:G] * 37
-        return table[torch.randint(0, G, (N,), generator=g)]
-    if kind == "same":  # every sample is a positive of every other
-        return torch.zeros(N, dtype=torch.int64)
-    if kind == "arange":
-        return torch.arange(N)
-    raise AssertionError(kind)
-
-
-def make_mask(kind, M, N, seed):
-    g = torch.Generator().manual_seed(seed + 2000)
-    if kind is None:
-        return None
-    mask = torch.ones(M, N, dtype=torch.bool)
-    if kind == "random":  # missing modalities here and there
-        mask = torch.rand(M, N, generator=g) < 0.75
-        mask[:, 0] = False  # a sample with no modality at all
-        mask[0, 1] = True  # a sample with only modality 0
-        mask[1:, 1] = False
-    elif kind == "drop_last":  # the last modality is missing everywhere: its pairs have n = 0
-        mask[M - 1] = False
-    elif kind == "one_valid":  # modality 1 present for sample 0 only: its pairs have n = 1
-        mask[1, 1:] = False
-    else:
-        raise AssertionError(kind)
-    return mask
 
 
 def make_temperature(kind, num_pairs, dtype):
@@ -122,18 +82,11 @@ def reference(zs, temperature=0.07, weights=None, mask=None, normalize=True, pai
             t = temperature if temperature.dim() == 0 else temperature[k]
         else:
             t = float(temperature)
-        V = torch.nonzero(mask[p] & mask[q]).flatten()
-        n = V.numel()
+        S, g = pair_logits(zs[p], zs[q], mask[p] & mask[q], ids, t, normalize)
+        n = g.numel()
         if n == 0:
             pair_losses.append(zs[0].new_zeros(()))
             continue
-        x = zs[p][V]
-        y = zs[q][V]
-        if normalize:
-            x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            y = y / y.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        S = (x @ y.T) / t
-        g = ids[V]
         total = S.new_zeros(())
         for i in range(n):
             positives = g == g[i]  # P(i) = {j in V : ids[j] == ids[i]}, holds i
@@ -145,8 +98,7 @@ def reference(zs, temperature=0.07, weights=None, mask=None, normalize=True, pai
         L = total / (2 * n)
         pair_losses.append(L)
         with torch.no_grad():
-            accuracy[k, 0] = (g[S.argmax(dim=1)] == g).to(F64).mean()  # x -> y: rows
-            accuracy[k, 1] = (g[S.argmax(dim=0)] == g).to(F64).mean()  # y -> x: columns
+            accuracy[k] = retrieval_accuracy(S, g)
         numerator = numerator + float(weights[k]) * L
         denominator += float(weights[k])
     if denominator == 0:
@@ -167,10 +119,6 @@ def triton_available():
     return importlib.util.find_spec("triton") is not None
 
 
-_MISSING = re.compile(r"(missing|not (installed|available|importable|found)|unavailable|cannot import|no module)",
-                      re.IGNORECASE)
-
-
 def call(*zs, backend="torch", **kwargs):
     """fastpair.pairwise_nce with return_stats=True; skips on the triton backend when Triton is missing."""
     if backend == "triton" and not triton_available():
@@ -178,26 +126,12 @@ def call(*zs, backend="torch", **kwargs):
     try:
         return fastpair.pairwise_nce(*zs, backend=backend, return_stats=True, **kwargs)
     except RuntimeError as e:
-        if backend == "triton" and "triton" in str(e).lower() and _MISSING.search(str(e)):
-            pytest.skip(f"Triton is missing: {e}")
+        skip_if_triton_missing(e, backend)
         raise
 
 
 def grad_or_zero(t, like):
     return torch.zeros_like(like) if t.grad is None else t.grad
-
-
-def assert_near(actual, expected, rtol, what, scale=None):
-    """max |actual - expected| <= rtol * (scale + 1e-2), scale defaulting to max |expected|."""
-    a = actual.detach().to(F64).cpu()
-    e = expected.detach().to(F64).cpu()
-    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
-    assert torch.isfinite(a).all(), f"{what}: non-finite values {a}"
-    if scale is None:
-        scale = e.abs().max().item() if e.numel() else 0.0
-    err = (a - e).abs().max().item() if e.numel() else 0.0
-    tol = rtol * (scale + 1e-2)
-    assert err <= tol, f"{what}: max abs error {err:.3e} > {tol:.3e}\nactual={a}\nexpected={e}"
 
 
 def run_and_compare(case, dtype, backend="torch", seed=0):
@@ -538,17 +472,6 @@ def _base(M=3, N=10):
     return make_embeddings(M, N, 4, torch.float32, seed=50)
 
 
-BAD_PAIRS = {
-    "p_equals_q": [(0, 1), (1, 1)],
-    "index_too_large": [(0, 3)],
-    "index_negative": [(-1, 0)],
-    "twice_same_order": [(0, 1), (1, 2), (0, 1)],
-    "twice_reversed": [(0, 1), (1, 0)],
-    "twice_reversed_later": [(0, 2), (1, 2), (2, 1)],
-    "empty": [],
-}
-
-
 @pytest.mark.parametrize("pairs", list(BAD_PAIRS.values()), ids=list(BAD_PAIRS))
 def test_bad_pairs_raise(pairs):
     with pytest.raises((ValueError, TypeError), match="pairs"):
@@ -562,7 +485,6 @@ def test_bad_pairs_raise_in_module():
             module(*_base())
 
 
-N_BAD = 10
 BAD_IDS = {
     "too_long": torch.arange(N_BAD + 1),
     "too_short": torch.arange(N_BAD - 1),

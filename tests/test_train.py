@@ -71,6 +71,23 @@ def test_train_and_probe_smoke(small_npz, tmp_path, capsys):
     assert again["rows"] == rows
 
 
+def test_sigmoid_objective_trains_and_probes(small_npz, tmp_path):
+    """--objective sigmoid: pairwise_sigmoid with a learnable temperature and bias, then the probe, and
+    fastpair-probe finds the run's objective in its checkpoint."""
+    out = tmp_path / "run"
+    assert run_main("--data", small_npz, "--out", out, "--epochs", "2", "--objective", "sigmoid", "--temperature",
+                    "0.1", "--bias", "-5", "--baselines", "random_init", *TINY) == 0
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert {"loss.log_temperature", "loss.bias"} <= set(best["model"]) and best["config"]["objective"] == "sigmoid"
+    _, *log = read_jsonl(out / "log.jsonl")
+    assert "bias" in log[0] and log[0]["bias"] != -5.0  # learned
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["encoder"] for r in rows} == {"pairwise_sigmoid", "random_init"}
+    os.unlink(out / "results.json")
+    assert experiment.probe_main(["--run", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
+
+
 def test_default_synthetic_run_starts(tmp_path):
     """The default data (synthetic) through one short epoch, no baselines (the full run is `make train`)."""
     out = tmp_path / "syn"
@@ -174,6 +191,8 @@ def test_resume_continues_to_the_new_total(small_npz, tmp_path):
     (["--batch-size", "1"], "--batch-size"),
     (["--optimizer", "lbfgs"], "adamw or sgd"),
     (["--baselines", "oracle"], "random_init"),
+    (["--objective", "triplet"], "nce or sigmoid"),
+    (["--bias", "nan"], "--bias"),
     (["--data", "/nonexistent/file.pkl"], "file.pkl"),
 ])
 def test_bad_arguments_give_one_line(argv, words, tmp_path, capsys):

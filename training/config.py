@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-DESCRIPTION = "Label-free training with pairwise_nce, the baselines, and the fusion probe: ``fastpair-train``."
+DESCRIPTION = ("Label-free training with pairwise_nce (or pairwise_sigmoid), the baselines, and the fusion probe: "
+               "``fastpair-train``.")
 BASELINES = ("random_init", "supervised")
 
 
@@ -31,7 +32,9 @@ class Config:
     schedule: str = "cosine"  # per-step cosine to lr/10 after a one-epoch warmup; or "step" (x0.9 / 5 epochs)
     grad_clip: float = 1.0
     patience: int = 10  # early stopping: epochs without a better validation loss
-    temperature: float = 0.07  # initial; learned
+    objective: str = "nce"  # the label-free loss: "nce" (pairwise_nce, the paper's) or "sigmoid" (pairwise_sigmoid)
+    temperature: float = 0.07  # initial; learned (SigLIP initializes the sigmoid objective at 0.1)
+    bias: float = -10.0  # the sigmoid objective's initial b; learned
     width: int = 128  # encoder width (the paper's text Transformer: 300)
     layers: int = 2
     dropout: float = 0.1
@@ -110,7 +113,9 @@ def check_config(cfg: Config) -> None:
     need(cfg.schedule in ("cosine", "step"), f"--schedule must be cosine or step, got {cfg.schedule!r}")
     need(cfg.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {cfg.device!r}")
     need(cfg.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device is available")
+    need(cfg.objective in ("nce", "sigmoid"), f"--objective must be nce or sigmoid, got {cfg.objective!r}")
     need(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
+    need(math.isfinite(cfg.bias), f"--bias must be a finite number, got {cfg.bias}")
     need(cfg.width >= 2 and cfg.width % 4 == 0, f"--width must be a multiple of 4 (4 heads), got {cfg.width}")
     need(cfg.layers >= 1 and cfg.patience >= 1, "--layers and --patience must be >= 1")
     bad = set(baselines(cfg)) - set(BASELINES)

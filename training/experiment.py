@@ -5,9 +5,10 @@
     torchrun --nproc-per-node K -m fastpair.training.train [the same options]   # K ranks, B per rank
     fastpair-probe --run DIR [--data PATH]   # the probe again, on a finished run
 
-1. Train the three encoders and their projection heads with pairwise_nce (learnable temperature) on the
-   train split, no labels (``--transductive``: also on valid and test, as the authors' code did). Every
-   epoch DIR/checkpoint.pt holds the full state and DIR/best.pt the model with the lowest validation loss
+1. Train the three encoders and their projection heads with pairwise_nce (learnable temperature; or, with
+   ``--objective sigmoid``, pairwise_sigmoid with a learnable temperature and bias) on the train split, no
+   labels (``--transductive``: also on valid and test, as the authors' code did). Every epoch
+   DIR/checkpoint.pt holds the full state and DIR/best.pt the model with the lowest validation loss
    (``fastpair.training.train``, ``fastpair.training.checkpoint``).
 2. Baselines with the same architecture and seed: ``random_init`` (the untrained encoders) and
    ``supervised`` (encoders + a linear head on the fused features, trained with the labels for the same
@@ -36,12 +37,12 @@ from .config import Config, TrainError, baselines, parse_config, parser
 from .data import DataError, to_tensors
 from .models import MultimodalEncoder
 from .names import MODALITIES
-from .objectives import Objective, build
+from .objectives import LABEL_FREE, Objective, build
 from .runlog import summary_writer
 from .train import fit, take
 from .world import World, agreed, check_same_run, device_of, process_group, torchrun_world
 
-ENCODER_NAMES = ("pairwise_nce", "random_init", "supervised")  # the order of the results
+ENCODER_NAMES = ("pairwise_nce", "pairwise_sigmoid", "random_init", "supervised")  # the order of the results
 
 
 def train_and_probe(argv) -> None:
@@ -82,10 +83,11 @@ def load_data(cfg: Config, resume: bool, world: World):
 
 
 def train_encoders(cfg: Config, data, resume: bool) -> dict[str, Objective]:
-    """pairwise_nce's encoders (DIR) and the baselines': random_init, supervised (DIR/supervised)."""
-    models = {"pairwise_nce": fit(cfg, data, "pairwise_nce", cfg.out, resume)}
+    """The label-free objective's encoders (DIR) and the baselines': random_init, supervised (DIR/supervised)."""
+    label_free = LABEL_FREE[cfg.objective]
+    models = {label_free: fit(cfg, data, label_free, cfg.out, resume)}
     if "random_init" in baselines(cfg):
-        models["random_init"] = build(cfg, data, "pairwise_nce")  # pairwise_nce's initial weights, untrained
+        models["random_init"] = build(cfg, data, label_free)  # the label-free model's initial weights, untrained
     if "supervised" in baselines(cfg):
         models["supervised"] = fit(cfg, data, "supervised", os.path.join(cfg.out, "supervised"), resume)
     return models
@@ -102,13 +104,13 @@ def probe_run(argv) -> None:
     saved = load_checkpoint(best)
     cfg = Config(**{**saved["config"], **({"data": args.data} if getattr(args, "data", None) else {})})
     data = data_mod.load(cfg.data, seed=cfg.data_seed)
-    models = {}
-    for name, path in (("pairwise_nce", best), ("supervised", os.path.join(args.run, "supervised", "best.pt"))):
+    models, label_free = {}, LABEL_FREE[cfg.objective]
+    for name, path in ((label_free, best), ("supervised", os.path.join(args.run, "supervised", "best.pt"))):
         if os.path.exists(path):
             models[name] = build(cfg, data, name)
             models[name].load_state_dict(load_checkpoint(path)["model"])
     if "random_init" in baselines(cfg):
-        models["random_init"] = build(cfg, data, "pairwise_nce")
+        models["random_init"] = build(cfg, data, label_free)
     run_probe(cfg, data, dict(sorted(models.items(), key=lambda kv: ENCODER_NAMES.index(kv[0]))), args.run)
 
 

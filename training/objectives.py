@@ -10,6 +10,9 @@ objective's state_dict.
       L_pq = 1/(2n) sum_i [(logsumexp_j S_ij - S_ii) + (logsumexp_j S_ji - S_ii)],   L = mean_pq L_pq,
 
   with one learnable temperature t (``fastpair.PairwiseNCE``). Under torchrun the j run over the global batch.
+- ``pairwise_sigmoid`` (``--objective sigmoid``, no labels): the same encoders and heads with SigLIP's loss,
+  L_pq = -(1/n) sum_ij log sigmoid(z_ij (S_ij + b)), z_ij = +1 for i = j, -1 else, with a learnable t and
+  b (``fastpair.PairwiseSigmoid``).
 - ``supervised`` (a baseline): a linear head on the concatenation [f_text, f_audio, f_vision], trained with
   the labels: cross-entropy over the classes, or the L1 error of sentiment scores (MulT's regression loss).
   The projection heads are unused.
@@ -23,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastpair import PairwiseNCE, modality_pairs
+from fastpair import PairwiseNCE, PairwiseSigmoid, modality_pairs
 
 from .config import Config
 from .models import MultimodalEncoder, present
@@ -53,14 +56,11 @@ class Objective(nn.Module):
         return {}
 
 
-class PairwiseNCEObjective(Objective):
-    name = "pairwise_nce"
+class LabelFree(Objective):
+    """A loss over every modality pair of the projected features, with learnable parameters (``self.loss``)."""
+
     uses_labels = False
     unused_parameters = False
-
-    def __init__(self, cfg: Config, data):
-        super().__init__(cfg, data)
-        self.loss = PairwiseNCE(len(MODALITIES), temperature=cfg.temperature)
 
     def forward(self, batch, group=None, stats: bool = False):
         """With ``group`` (W ranks, each passing its local batch) the negatives come from every rank's batch
@@ -78,7 +78,24 @@ class PairwiseNCEObjective(Objective):
         return {"valid_pair_loss": {k: float(v) for k, v in zip(names, stats["pair_loss"])},
                 # retrieval top-1 accuracy, both directions averaged
                 "valid_pair_accuracy": {k: float(v.mean()) for k, v in zip(names, stats["pair_accuracy"])},
-                "temperature": float(self.loss.temperature.detach().float().mean())}
+                "temperature": float(self.loss.temperature.detach().float().mean()),
+                **({"bias": float(self.loss.bias.detach().float().mean())} if hasattr(self.loss, "bias") else {})}
+
+
+class PairwiseNCEObjective(LabelFree):
+    name = "pairwise_nce"
+
+    def __init__(self, cfg: Config, data):
+        super().__init__(cfg, data)
+        self.loss = PairwiseNCE(len(MODALITIES), temperature=cfg.temperature)
+
+
+class PairwiseSigmoidObjective(LabelFree):
+    name = "pairwise_sigmoid"
+
+    def __init__(self, cfg: Config, data):
+        super().__init__(cfg, data)
+        self.loss = PairwiseSigmoid(len(MODALITIES), temperature=cfg.temperature, bias=cfg.bias)
 
 
 class SupervisedObjective(Objective):
@@ -100,7 +117,8 @@ class SupervisedObjective(Objective):
         return nn.functional.l1_loss(pred.squeeze(1), batch["y"])
 
 
-OBJECTIVES = {o.name: o for o in (PairwiseNCEObjective, SupervisedObjective)}
+OBJECTIVES = {o.name: o for o in (PairwiseNCEObjective, PairwiseSigmoidObjective, SupervisedObjective)}
+LABEL_FREE = {"nce": PairwiseNCEObjective.name, "sigmoid": PairwiseSigmoidObjective.name}  # by --objective
 
 
 def build(cfg: Config, data, name: str) -> Objective:

@@ -255,7 +255,8 @@ def _plot(path: str, dataset: str, task: str, rows: list[dict]) -> None:
 def write_results(out_dir, dataset: str, task: str, rows: list[dict]) -> None:
     """Write DIR/results.json and DIR/results.png, each atomically (temporary file + os.replace).
 
-    rows: [{"encoder": "pairwise_nce" | "random_init" | "supervised", "modalities": [...], "metrics": {...}}].
+    rows: [{"encoder": "pairwise_nce" | "pairwise_sigmoid" | "random_init" | "supervised", "modalities": [...],
+    "metrics": {...}}].
     results.json = {"dataset", "task", "rows": [{"encoder", "modalities", "metrics"}]}; every metric must be a
     finite number (ValueError naming the row and metric otherwise; nothing is written then). results.png: a
     grouped bar chart of the headline test metric (accuracy for multiclass, acc2 for regression) per subset,
