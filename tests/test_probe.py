@@ -35,6 +35,60 @@ def approx(expected, rel=1e-9):
 def test_subsets_order():
     assert P.SUBSETS == [("text",), ("audio",), ("vision",), ("text", "audio"), ("text", "vision"),
                          ("audio", "vision"), ("text", "audio", "vision")]
+    assert P.subsets(P.MODALITIES) == P.SUBSETS
+
+
+def spelled(subsets: str) -> list[tuple[str, ...]]:
+    """'a b ab' -> [('a',), ('b',), ('a', 'b')]: subsets of one-letter modalities, written by hand."""
+    return [tuple(word) for word in subsets.split()]
+
+
+@pytest.mark.parametrize("names, expected", [
+    ("a", "a"),
+    ("ba", "b a ba"),  # the given order, not sorted
+    ("abc", "a b c ab ac bc abc"),
+    ("abcd", "a b c d ab ac ad bc bd cd abc abd acd bcd abcd"),
+])
+def test_subsets_every_one_up_to_four(names, expected):
+    out = P.subsets(list(names))
+    assert out == spelled(expected)
+    assert len(out) == 2 ** len(names) - 1
+
+
+def test_subsets_beyond_four_singles_leave_one_out_all():
+    assert P.subsets(tuple("abcde")) == spelled("a b c d e bcde acde abde abce abcd abcde")
+    names = [f"m{i}" for i in range(8)]
+    out = P.subsets(names)
+    assert len(out) == 8 + 8 + 1
+    assert out[:8] == [(m,) for m in names]
+    assert [set(names) - set(s) for s in out[8:16]] == [{m} for m in names]  # without m0 first, then m1, ...
+    assert all(list(s) == [m for m in names if m in s] for s in out)  # the given order inside each subset
+    assert out[16] == tuple(names)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([], "at least one modality"),
+    ((), "at least one modality"),
+    (["text", "audio", "text"], r"distinct, got \['text'\] more than once"),
+    ("text", "sequence of names, got the string 'text'"),
+    (["text", ""], "non-empty strings"),
+    (["text", 3], "non-empty strings"),
+])
+def test_subsets_rejects_bad_modalities(bad, match):
+    with pytest.raises(ValueError, match=match):
+        P.subsets(bad)
+
+
+def test_subset_label():
+    assert [P.subset_label(s, P.MODALITIES) for s in P.SUBSETS] == ["T", "A", "V", "TA", "TV", "AV", "TAV"]
+    corners = ["top_left", "top_right", "bottom_left", "bottom_right"]
+    assert P.subset_label(["top_left", "bottom_right"], corners) == "top_left+bottom_right"
+    assert P.subset_label(["bottom_left"], corners) == "bottom_left"
+    assert P.subset_label(["Text"], ["Text", "tone"]) == "Text"  # T and t collide: names in full
+    assert P.subset_label(["eeg", "Depth"], ["Depth", "eeg"]) == "ED"  # the subset's order, uppercased
+    for bad in (["text", "smell"], []):
+        with pytest.raises(ValueError, match="must be a non-empty subset of"):
+            P.subset_label(bad, P.MODALITIES)
 
 
 def test_classification_metrics_by_hand():
@@ -118,7 +172,15 @@ def test_probe_regression_recovers_a_linear_target():
 
 @pytest.mark.parametrize("change, match", [
     (lambda f, l: f.pop("valid"), "split 'valid'"),
-    (lambda f, l: f["test"].pop("audio"), r"features\['test'\]\['audio'\]"),
+    (lambda f, l: f["test"].pop("audio"),
+     r"features\['test'\] must hold the modalities of features\['train'\]: expected \['text', 'audio', 'vision'\], "
+     r"found \['text', 'vision'\]"),
+    (lambda f, l: f["valid"].__setitem__("depth", f["valid"]["text"]), r"features\['valid'\] must hold .* found "
+     r"\['text', 'audio', 'vision', 'depth'\]"),
+    (lambda f, l: f["train"].pop("vision"), r"features\['valid'\] must hold .* expected \['text', 'audio'\]"),
+    (lambda f, l: f["train"].clear(), r"features\['train'\] holds no modality"),
+    (lambda f, l: f["test"].__setitem__("audio", f["test"]["audio"][1:]), r"features\['test'\]\['audio'\] must be "
+     r"\(N, D\) with N = 200 labels, got \(199, 8\)"),
     (lambda f, l: f["train"]["vision"].__setitem__((0, 0), np.nan), "non-finite"),
     (lambda f, l: f.__setitem__("valid", {m: x[:, :5] for m, x in f["valid"].items()}), "features, train has"),
     (lambda f, l: l["test"].__setitem__(0, 4), r"labels\['test'\] must be class ids in \[0, 4\)"),
@@ -136,6 +198,62 @@ def test_probe_rejects_bad_task():
         P.probe(features, labels, "binary", CLASSES)
     with pytest.raises(ValueError, match="class names"):
         P.probe(features, labels, "multiclass", None)
+
+
+def synthetic_on(widths: dict[str, int], task: str, seed: int = 0):
+    """Small Gaussian features of the given widths where only the first modality carries the label."""
+    rng = np.random.default_rng(seed)
+    first, sizes = next(iter(widths)), {"train": 120, "valid": 60, "test": 60}
+    means, w = 3 * rng.normal(size=(len(CLASSES), widths[first])), rng.normal(size=widths[first])
+    features, labels = {}, {}
+    for split, n in sizes.items():
+        features[split] = {m: rng.normal(size=(n, d)) for m, d in widths.items()}
+        if task == "multiclass":
+            labels[split] = rng.integers(0, len(CLASSES), n)
+            features[split][first] += means[labels[split]]
+        else:
+            labels[split] = features[split][first] @ w + 0.1 * rng.normal(size=n)
+    return features, labels
+
+
+def all_finite(metrics) -> bool:
+    if isinstance(metrics, dict):
+        return all(all_finite(v) for v in metrics.values())
+    return math.isfinite(metrics)
+
+
+def test_probe_on_four_modalities_one_of_width_one():
+    widths = {"vision": 4, "text": 3, "pulse": 1, "audio": 4}  # the dict order is the run's order
+    features, labels = synthetic_on(widths, "multiclass")
+    rows = P.probe(features, labels, "multiclass", CLASSES)
+    assert [tuple(r["modalities"]) for r in rows] == P.subsets(["vision", "text", "pulse", "audio"])
+    assert len(rows) == 15 and all(isinstance(r["modalities"], list) for r in rows)
+    assert rows[2]["modalities"] == ["pulse"] and rows[-1]["modalities"] == ["vision", "text", "pulse", "audio"]
+    for r in rows:
+        assert all_finite(r["metrics"]), r["modalities"]
+        acc = r["metrics"]["accuracy"]
+        if "vision" in r["modalities"]:
+            assert acc > 0.8, f"{r['modalities']}: accuracy {acc:.3f} with the label-carrying features"
+        else:
+            assert acc < 0.5, f"{r['modalities']}: accuracy {acc:.3f} from label-free features (chance 0.25)"
+
+
+def test_probe_on_five_modalities_with_shared_initials():
+    names = ["top_left", "top_right", "bottom_left", "bottom_right", "center"]
+    features, labels = synthetic_on(dict.fromkeys(names, 3), "regression")
+    rows = P.probe(features, labels, "regression", None)
+    assert [r["modalities"] for r in rows] == [list(s) for s in P.subsets(names)]
+    assert len(rows) == 5 + 5 + 1
+    assert rows[5]["modalities"] == names[1:]  # the leave-one-out without top_left comes first
+    for r in rows:
+        assert all_finite(r["metrics"]), r["modalities"]
+        corr = r["metrics"]["corr"]
+        if "top_left" in r["modalities"]:
+            assert corr > 0.9, f"{r['modalities']}: Pearson r {corr:.3f}"
+        else:
+            assert abs(corr) < 0.4, f"{r['modalities']}: Pearson r {corr:.3f} from unrelated features"
+    table = P.format_table(rows, "regression")
+    assert "top_right+bottom_left+bottom_right+center" in table and "\nT " not in table
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +303,80 @@ def test_format_table(result_rows):
     assert f"{100 * acc:.1f}" in lines[-1]
     reg = [{"modalities": ["audio"], "metrics": {"acc2": 0.5, "f1": 0.5, "acc7": 0.2, "mae": 1.0, "corr": 0.1}}]
     assert "acc7%" in P.format_table(reg, "regression")
+
+
+EIGHT = {
+    "initials": ["text", "audio", "vision", "depth", "eeg", "force", "gaze", "heart"],
+    "names": ["top_left", "top_right", "bottom_left", "bottom_right", "center", "text", "tone", "touch"],
+}
+ENCODERS = ("pairwise_nce", "pairwise_sigmoid", "random_init", "supervised")
+
+
+def made_up_rows(modalities, encoders=ENCODERS, seed=0):
+    """Result rows with random metrics in [0, 1) for every subset and encoder: the table and the plot need no fit."""
+    rng = np.random.default_rng(seed)
+    return [{"encoder": enc, "modalities": list(s),
+             "metrics": {"accuracy": float(rng.uniform()), "weighted_f1": float(rng.uniform())}}
+            for s in P.subsets(modalities) for enc in encoders]
+
+
+@pytest.mark.parametrize("kind", sorted(EIGHT))
+def test_format_table_eight_modalities(kind):
+    names = EIGHT[kind]
+    rows = made_up_rows(names)
+    lines = P.format_table(rows, "multiclass").splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert {len(line) for line in lines} == {len(lines[0])}  # every line as wide as the header
+    labels = [P.subset_label(s, names) for s in P.subsets(names)]
+    first = [line.split()[0] for line in lines[2:] if not line.startswith(" ")]
+    assert first == labels  # every label, once, in subsets order
+    assert lines[2].split()[1] == "pairwise_nce" and lines[3].split()[0] == "pairwise_sigmoid"
+    width = lines[0].index("encoder")
+    assert width == max(len(label) for label in labels) + 2  # the subset column fits the longest label
+    assert all(line[width:].startswith(tuple(ENCODERS)) for line in lines[2:])
+
+
+def test_format_table_orders_rows_of_any_input_order(result_rows):
+    by_size = sorted(result_rows, key=lambda r: -len(r["modalities"]))  # TAV first, encoders still in order
+    assert P.format_table(by_size, "multiclass") == P.format_table(result_rows, "multiclass")
+    pairs = [r for r in result_rows if len(r["modalities"]) == 2]
+    first = [line.split()[0] for line in P.format_table(pairs, "multiclass").splitlines()[2:]
+             if not line.startswith(" ")]
+    assert first == ["TA", "TV", "AV"]
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # the IHDR chunk
+
+
+@pytest.mark.parametrize("kind", sorted(EIGHT))
+def test_write_results_eight_modalities(tmp_path, kind):
+    rows = made_up_rows(EIGHT[kind])
+    P.write_results(tmp_path, "synthetic", "multiclass", rows)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["modalities"] for r in saved["rows"]] == [r["modalities"] for r in rows]
+    width, height = png_size(tmp_path / "results.png")
+    assert width >= 17 * 4 * 0.35 * 120  # 0.35 in per bar at 120 dpi: the 68 bars stay apart
+    if kind == "names":  # 7 names in a label: vertical tick labels, with their own room below the bars
+        assert height > 4.2 * 120 + 40 * 0.1 * 120
+    else:  # 8 letters fit flat under a group of 4 bars
+        assert height == 4.2 * 120
+    P.write_results(tmp_path, "synthetic", "multiclass", made_up_rows(P.MODALITIES, ENCODERS[:1]))
+    assert png_size(tmp_path / "results.png") == (720, 504)  # M = 3, one encoder: 6 x 4.2 in, labels flat
+
+
+def test_plot_layout_and_axis_label():
+    assert P._figure_layout(["T", "A", "V", "TA", "TV", "AV", "TAV"], 3) == (pytest.approx(8.35), 4.2, 0)
+    labels = [P.subset_label(s, EIGHT["initials"]) for s in P.subsets(EIGHT["initials"])]
+    width, height, rotation = P._figure_layout(labels, 1)
+    assert rotation == 90 and height > 4.2  # 8-letter labels under single bars would overlap flat
+    assert P._axis_label(P.MODALITIES) == "modalities (T = text, A = audio, V = vision)"
+    assert P._axis_label(EIGHT["names"]) == "modalities"
+
+
+def test_write_results_refuses_no_rows(tmp_path):
+    with pytest.raises(ValueError, match="no rows"):
+        P.write_results(tmp_path, "iemocap", "multiclass", [])
+    assert list(tmp_path.iterdir()) == []

@@ -40,6 +40,20 @@ class TrainState:
     stopped: bool = False
 
 
+def output_folder(path: str, option: str = "--out") -> None:
+    """Create the folder ``path`` (and its parents) if needed and check that files can be written in it, so
+    that a folder that cannot be created or written is a TrainError before any work, not a traceback after."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"{option} {path}: cannot create the folder ({e.strerror or e})") from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise TrainError(f"{option} {path}: cannot write in the folder ({e.strerror or e})") from None
+
+
 def atomic_write(path: str, write) -> None:
     """Call ``write(f)`` on a binary temporary file next to ``path``, fsync, then rename it over ``path``:
     a reader (or a run killed at any moment) sees the old file or the new one, never a part."""

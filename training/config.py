@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .models import ENCODERS
+
 DESCRIPTION = ("Label-free training with pairwise_nce (or pairwise_sigmoid), the baselines, and the fusion probe: "
                "``fastpair-train``.")
 BASELINES = ("random_init", "supervised")
@@ -35,6 +37,11 @@ class Config:
     objective: str = "nce"  # the label-free loss: "nce" (pairwise_nce, the paper's) or "sigmoid" (pairwise_sigmoid)
     temperature: float = 0.07  # initial; learned (SigLIP initializes the sigmoid objective at 0.1)
     bias: float = -10.0  # the sigmoid objective's initial b; learned
+    pairs: str = "all"  # the loss's pairs: "all", "anchor:NAME" (NAME with every other) or "A-B,C-D"
+    label_smoothing: float = 0.0  # pairwise_nce's, in [0, 1)
+    views: int = 1  # 2: two random temporal crops of every clip per step, positives by clip (the authors')
+    crop_length: int = 0  # steps per crop with --views 2; 0: half of each modality's time axis
+    encoder: str = ""  # per modality "NAME=transformer|tcn|gru|mlp", comma-separated; the rest by default
     width: int = 128  # encoder width (the paper's text Transformer: 300)
     layers: int = 2
     dropout: float = 0.1
@@ -62,6 +69,8 @@ def parse_config(argv) -> tuple[Config, bool]:
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             p.add_argument(flag, action="store_true")
+        elif f.name == "encoder":  # repeatable: --encoder text=gru --encoder pose=mlp
+            p.add_argument(flag, action="append", metavar="NAME=KIND")
         else:
             p.add_argument(flag, type={"int": int, "float": float}.get(f.type, str))
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -69,6 +78,8 @@ def parse_config(argv) -> tuple[Config, bool]:
     args = vars(p.parse_args(argv))
     resume = args.pop("resume", False)
     values = read_config_file(args.pop("config")) if "config" in args else {}
+    if "encoder" in args:
+        args["encoder"] = ",".join(args["encoder"])
     values.update(args)
     try:
         cfg = Config(**values)
@@ -116,6 +127,13 @@ def check_config(cfg: Config) -> None:
     need(cfg.objective in ("nce", "sigmoid"), f"--objective must be nce or sigmoid, got {cfg.objective!r}")
     need(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
     need(math.isfinite(cfg.bias), f"--bias must be a finite number, got {cfg.bias}")
+    need(0.0 <= cfg.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    need(cfg.label_smoothing == 0.0 or cfg.objective == "nce",
+         "--label-smoothing applies to --objective nce (the sigmoid objective has none)")
+    need(cfg.views in (1, 2), f"--views must be 1 or 2, got {cfg.views}")
+    need(cfg.crop_length >= 0, f"--crop-length must be >= 0 (0: half of each time axis), got {cfg.crop_length}")
+    pair_spec(cfg.pairs)
+    encoder_spec(cfg.encoder)
     need(cfg.width >= 2 and cfg.width % 4 == 0, f"--width must be a multiple of 4 (4 heads), got {cfg.width}")
     need(cfg.layers >= 1 and cfg.patience >= 1, "--layers and --patience must be >= 1")
     bad = set(baselines(cfg)) - set(BASELINES)
@@ -125,3 +143,28 @@ def check_config(cfg: Config) -> None:
 def baselines(cfg: Config) -> list[str]:
     return [b.strip() for b in cfg.baselines.split(",") if b.strip()]
 
+
+def pair_spec(text: str) -> str | list[tuple[str, str]]:
+    """--pairs: "all"; "anchor:NAME" -> NAME; "A-B,C-D" -> [("A", "B"), ("C", "D")] (names checked against the
+    data later, by ``fastpair.training.modalities``)."""
+    if text == "all":
+        return "all"
+    if text.startswith("anchor:") and text[len("anchor:"):]:
+        return text[len("anchor:"):]
+    pairs = [tuple(item.split("-")) for item in text.split(",")]
+    if not all(len(p) == 2 and all(p) for p in pairs):
+        raise TrainError(f"--pairs: 'all', 'anchor:NAME' or 'A-B,C-D' (modality names) expected, got {text!r}")
+    return pairs
+
+
+def encoder_spec(text: str) -> dict[str, str]:
+    """--encoder "NAME=KIND,..." -> {NAME: KIND} (KIND one of ENCODERS; names checked against the data later)."""
+    kinds: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, eq, kind = item.partition("=")
+        if not eq or not name or kind not in ENCODERS:
+            raise TrainError(f"--encoder: NAME=KIND with KIND one of {', '.join(ENCODERS)} expected, got {item!r}")
+        if name in kinds:
+            raise TrainError(f"--encoder: {name} is given twice")
+        kinds[name] = kind
+    return kinds

@@ -1,9 +1,11 @@
 """Multimodal emotion-recognition (MER) feature data: the built-in synthetic set and the published feature files.
 
 ``load(spec, seed)`` returns an :class:`MERData` whose splits "train", "valid", "test" hold, per modality
-(always text, audio, vision), a float32 array x (N, T_m, F_m) and a bool mask (N, T_m) (True = a real time
-step, False = padding), and the labels y (N,): int64 class ids (task "multiclass") or float32 scores
-("regression").
+(text, audio, vision for the MER files and the synthetic set; the file's own names for an .npz), a float32
+array x and a bool mask, and the labels y (N,): int64 class ids (task "multiclass") or float32 scores
+("regression"). A sequence modality has x (N, T_m, F_m) and mask (N, T_m) (True = a real time step, False
+= padding); a vector modality (pre-pooled features, what most embedding data sets hold) has x (N, F_m) and
+mask (N,) (True = present).
 
 File formats. A file is opened in binary and told apart by its magic bytes (a zip, "PK", is an .npz; anything
 else is read as a pickle); the layout is then recognized from its keys and array shapes, never from the file
@@ -20,12 +22,16 @@ name, and every shape is read from the file. Each file holds the splits "train",
   features (768 for BERT, 300 for GloVe; "text_bert", the (N, 3, T) token ids, is not used), "audio"
   (N, Ta, Fa), "vision" (N, Tv, Fv), "regression_labels" (N,) (task regression, name "mmsa"), maybe
   "audio_lengths" / "vision_lengths" and "classification_labels", "raw_text", "id" (not used).
-- .npz (read with allow_pickle=False): arrays "{split}/{modality}" (N, T, F) and "{split}/labels": integers
-  (task multiclass, classes "0".."K-1") or floats (task regression); name "npz".
+- .npz (read with allow_pickle=False): "{split}/labels" (integers: task multiclass, classes "0".."K-1";
+  floats: task regression) and, for any M >= 2 modality names, "{split}/{name}": (N, T, F) sequences or (N, F)
+  vectors, the same kind and feature count in every split; optional "{split}/{name}_lengths" (N,) for a
+  sequence. The modalities are the train split's other keys, in the file's order (the order of the loss's
+  pairs); "labels", "regression_labels", "id", "y" and names ending in "_lengths" or "_mask" are reserved, and
+  a name is letters, digits and "_", starting with a letter. Name "npz".
 
 Masks: where "{modality}_lengths" exists, step t is valid iff t < length (padding at the end); otherwise a
-step is valid iff one of its features is nonzero (MulT pads with zeros; a NaN counts as data). A modality
-with no valid step at all (mask all False) is a missing modality and is kept as such.
+step is valid iff one of its features is nonzero (MulT pads with zeros; a NaN counts as data), and so is a
+vector. A modality with no valid step at all (mask all False) is a missing modality and is kept as such.
 
 Hygiene, in order: cast to float32 (a float64 value beyond float32's range becomes inf); NaN and +-inf set
 to 0, counted per "split/modality" (MulT's MOSEI audio holds -inf), with one warning line on stderr when
@@ -55,13 +61,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .names import IEMOCAP_CLASSES, MODALITIES, SPLITS
+from .names import IEMOCAP_CLASSES, MODALITIES, RESERVED, SPLITS, modality_name_error
 from .synthetic import make_synthetic
 
 LAYOUTS = (
     "MulT pickle (splits with text/audio/vision (N,T,F) and labels (N,4,2) or (N,1,1)), "
     "MMSA pickle (text/audio/vision (N,T,F), regression_labels (N,), optional *_lengths), "
-    ".npz ('{split}/{modality}' (N,T,F) and '{split}/labels' (N,)), or 'synthetic'"
+    ".npz ('{split}/{name}' (N,T,F) or (N,F) for M >= 2 names, and '{split}/labels' (N,)), or 'synthetic'"
 )
 
 
@@ -71,8 +77,8 @@ class DataError(ValueError):
 
 @dataclass
 class Split:
-    x: dict[str, np.ndarray]  # modality -> float32 (N, T_m, F_m), finite, standardized, 0 on padding
-    mask: dict[str, np.ndarray]  # modality -> bool (N, T_m): True = a real time step
+    x: dict[str, np.ndarray]  # modality -> float32 (N, T_m, F_m) or (N, F_m), finite, standardized, 0 on padding
+    mask: dict[str, np.ndarray]  # modality -> bool (N, T_m) (True = a real time step) or (N,) (True = present)
     y: np.ndarray  # (N,) int64 class ids or float32 scores
 
 
@@ -86,8 +92,17 @@ class MERData:
     source: str  # the path, or "synthetic(seed=S)"
 
     @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modality names in the data's order (the order of the loss's pairs)."""
+        return tuple(self.splits["train"].x)
+
+    @property
     def dims(self) -> dict[str, int]:
-        return {m: self.splits["train"].x[m].shape[-1] for m in MODALITIES}
+        return {m: x.shape[-1] for m, x in self.splits["train"].x.items()}
+
+    def is_sequence(self, m: str) -> bool:
+        """(N, T, F) time steps, or else (N, F) vectors."""
+        return self.splits["train"].x[m].ndim == 3
 
 
 def load(spec: str = "synthetic", seed: int = 0) -> MERData:
@@ -105,9 +120,10 @@ def load(spec: str = "synthetic", seed: int = 0) -> MERData:
 
 
 def to_tensors(split: Split) -> dict[str, torch.Tensor]:
-    """{"text": (N,T,F) float32, "text_mask": (N,T) bool, ..., "y": (N,) int64 or float32}; shares memory."""
+    """{"text": (N,T,F) float32, "text_mask": (N,T) bool, ..., "y": (N,) int64 or float32}; shares memory.
+    A vector modality: (N,F) and (N,)."""
     out = {}
-    for m in MODALITIES:
+    for m in split.x:
         out[m] = torch.from_numpy(split.x[m])
         out[m + "_mask"] = torch.from_numpy(split.mask[m])
     out["y"] = torch.from_numpy(split.y)
@@ -194,22 +210,17 @@ def _parse(raw, src: str, container: str):
     if label_key not in raw["train"]:
         raise DataError(f"{src}: unknown layout (train has keys {sorted(map(str, raw['train']))}, no 'labels' "
                         f"or 'regression_labels'); supported: {LAYOUTS}")
-    parts, kinds, dims = {}, set(), {}
+    names = _modality_names(raw["train"], src) if container == "npz" else MODALITIES
+    parts, kinds, shapes = {}, set(), {}
     for s in SPLITS:
         d, xs, lengths = raw[s], {}, {}
-        for m in MODALITIES:
-            x = xs[m] = _array(d, s, m, src)
-            if x.ndim != 3:
-                raise DataError(f"{src}: {s}/{m} has shape {x.shape}, expected (N, T, F)")
-            if x.dtype.kind not in "biuf":
-                raise DataError(f"{src}: {s}/{m} has dtype {x.dtype}, expected numbers")
-            n = len(xs[MODALITIES[0]])
+        for m in names:
+            x = xs[m] = _modality(d, s, m, src, shapes)
+            n = len(xs[names[0]])
             if len(x) != n:
-                raise DataError(f"{src}: {s}/{m} has {len(x)} samples but {s}/{MODALITIES[0]} has {n}")
-            if dims.setdefault(m, x.shape[-1]) != x.shape[-1]:
-                raise DataError(f"{src}: {s}/{m} has {x.shape[-1]} features but train/{m} has {dims[m]}")
-            lengths[m] = _lengths(d, s, m, n, src) if f"{m}_lengths" in d else None
-        y, kind = _labels(_array(d, s, label_key, src), s, label_key, n, src)
+                raise DataError(f"{src}: {s}/{m} has {len(x)} samples but {s}/{names[0]} has {n}")
+            lengths[m] = _lengths(d, s, m, n, src) if f"{m}_lengths" in d and x.ndim == 3 else None
+        y, kind = _labels(_array(d, s, label_key, src), s, label_key, n, src, names[0])
         parts[s] = (xs, lengths, y)
         kinds.add(kind)
     if len(kinds) > 1:
@@ -223,6 +234,34 @@ def _parse(raw, src: str, container: str):
     if label_key == "regression_labels":
         return "mmsa", "regression", None, parts
     return {"pickle": "mult-sentiment"}.get(container, container), "regression", None, parts
+
+
+def _modality_names(train: dict, src: str) -> tuple[str, ...]:
+    """An .npz's modalities: the train split's keys other than the labels, "id" and "*_lengths", in order."""
+    names = tuple(k for k in map(str, train) if k not in RESERVED and not k.endswith("_lengths"))
+    for m in names:
+        why = modality_name_error(m)
+        if why:
+            raise DataError(f"{src}: train/{m}: {why}")
+    if len(names) < 2:
+        raise DataError(f"{src}: at least 2 modalities expected (arrays 'train/NAME' beside 'train/labels'), "
+                        f"found {list(names)}")
+    return names
+
+
+def _modality(d: dict, split: str, m: str, src: str, shapes: dict) -> np.ndarray:
+    """A modality's array, checked: numbers, (N, T, F) or (N, F), and the kind and feature count of train's."""
+    x = _array(d, split, m, src)
+    if x.ndim not in (2, 3):
+        raise DataError(f"{src}: {split}/{m} has shape {x.shape}, expected (N, T, F) sequences or (N, F) vectors")
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{src}: {split}/{m} has dtype {x.dtype}, expected numbers")
+    kind = (x.ndim, x.shape[-1])
+    if shapes.setdefault(m, kind) != kind:
+        expected = "(N, T, F)" if shapes[m][0] == 3 else "(N, F)"
+        raise DataError(f"{src}: {split}/{m} has shape {x.shape} but train/{m} is {expected} with "
+                        f"{shapes[m][1]} features")
+    return x
 
 
 def _array(d: dict, split: str, key: str, src: str) -> np.ndarray:
@@ -242,10 +281,10 @@ def _lengths(d: dict, split: str, m: str, n: int, src: str) -> np.ndarray:
     return arr
 
 
-def _labels(arr: np.ndarray, split: str, key: str, n: int, src: str) -> tuple[np.ndarray, str]:
+def _labels(arr: np.ndarray, split: str, key: str, n: int, src: str, first: str) -> tuple[np.ndarray, str]:
     """-> (y, kind): kind "emotion" (IEMOCAP (N,4,2)), "class" (integers (N,)) or "score" (floats (N,[1,[1]]))."""
     if arr.ndim == 0 or len(arr) != n:
-        raise DataError(f"{src}: {split}/{key} has shape {arr.shape} but {split}/{MODALITIES[0]} has {n} samples")
+        raise DataError(f"{src}: {split}/{key} has shape {arr.shape} but {split}/{first} has {n} samples")
     if arr.ndim == 3 and arr.shape[1:] == (4, 2):
         present = arr[:, :, 1].astype(np.float64)
         unclear = int((np.count_nonzero(present > 0, axis=1) != 1).sum())
@@ -271,9 +310,10 @@ def _labels(arr: np.ndarray, split: str, key: str, n: int, src: str) -> tuple[np
 def _clean(parts: dict, src: str) -> tuple[dict[str, Split], dict[str, int]]:
     """Masks, float32, NaN/inf -> 0 (counted), standardization over train valid steps, padding -> 0."""
     xs, masks, nonfinite = {}, {}, {}
+    names = tuple(parts["train"][0])
     for s, (x_raw, lengths, _) in parts.items():
-        for m in MODALITIES:
-            a = x_raw[m]
+        for m in names:
+            a = x_raw[m] if x_raw[m].ndim == 3 else x_raw[m][:, None, :]  # a vector is a sequence of one step
             if lengths[m] is not None:  # valid iff t < length (padding at the end)
                 mask = np.arange(a.shape[1]) < np.asarray(lengths[m]).reshape(-1, 1)
             else:  # valid iff some feature is nonzero; NaN != 0, so a NaN step is data
@@ -289,14 +329,16 @@ def _clean(parts: dict, src: str) -> tuple[dict[str, Split], dict[str, int]]:
     if any(nonfinite.values()):
         counts = ", ".join(f"{k}: {v}" for k, v in nonfinite.items() if v)
         print(f"warning: {src}: set {sum(nonfinite.values())} NaN/inf values to 0 ({counts})", file=sys.stderr)
-    for m in MODALITIES:
+    for m in names:
         mean, std = _feature_stats(xs["train", m], masks["train", m])
         for s in parts:
             x = xs[s, m]
             x -= mean  # in place: no copy of a large modality
             x /= std
             x[~masks[s, m]] = 0.0
-    splits = {s: Split({m: xs[s, m] for m in MODALITIES}, {m: masks[s, m] for m in MODALITIES}, parts[s][2])
+    vector = {m: parts["train"][0][m].ndim == 2 for m in names}  # back to (N, F) and (N,): views, no copies
+    splits = {s: Split({m: xs[s, m][:, 0] if vector[m] else xs[s, m] for m in names},
+                       {m: masks[s, m][:, 0] if vector[m] else masks[s, m] for m in names}, parts[s][2])
               for s in parts}
     return splits, nonfinite
 

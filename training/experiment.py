@@ -32,11 +32,11 @@ import torch
 import torch.distributed as dist
 
 from . import data as data_mod
-from .checkpoint import load_checkpoint
+from . import modalities
+from .checkpoint import load_checkpoint, output_folder
 from .config import Config, TrainError, baselines, parse_config, parser
 from .data import DataError, to_tensors
 from .models import MultimodalEncoder
-from .names import MODALITIES
 from .objectives import LABEL_FREE, Objective, build
 from .runlog import summary_writer
 from .train import fit, take
@@ -66,11 +66,12 @@ def load_data(cfg: Config, resume: bool, world: World):
     """The data set on every rank (the ranks checked to agree on it and on the options), described by rank 0."""
     with agreed(world):
         if world.main:
-            os.makedirs(cfg.out, exist_ok=True)
+            output_folder(cfg.out)
         # the other ranks load the same data quietly (rank 0 reports NaN/inf counts and warnings)
         with contextlib.nullcontext() if world.main else contextlib.redirect_stderr(io.StringIO()):
             data = data_mod.load(cfg.data, seed=cfg.data_seed)
     check_same_run(cfg, resume, data, world)
+    mods = modalities.of(cfg, data)  # --pairs and --encoder against the data's modalities: every rank, early
     ranks = ""
     if world.size > 1:
         ranks = (f"; {world.size} ranks ({dist.get_backend()}), batch {cfg.batch_size} per rank, "
@@ -79,6 +80,9 @@ def load_data(cfg: Config, resume: bool, world: World):
         print(f"data: {data.name} ({data.source}), task {data.task}, "
               + ", ".join(f"{s} {len(sp.y)}" for s, sp in data.splits.items())
               + f"; device {device_of(cfg)}{ranks}")
+        shapes = {m: "x".join(map(str, data.splits["train"].x[m].shape[1:])) for m in mods.names}
+        print("modalities: " + ", ".join(f"{m} ({shapes[m]}, {mods.kinds[m]})" for m in mods.names)
+              + "; pairs: " + ", ".join(mods.pair_names()))
     return data
 
 
@@ -101,6 +105,7 @@ def probe_run(argv) -> None:
     best = os.path.join(args.run, "best.pt")
     if not os.path.exists(best):
         raise TrainError(f"{best}: no such file (is {args.run} the --out folder of a fastpair-train run?)")
+    output_folder(args.run, "--run")  # the results go there
     saved = load_checkpoint(best)
     cfg = Config(**{**saved["config"], **({"data": args.data} if getattr(args, "data", None) else {})})
     data = data_mod.load(cfg.data, seed=cfg.data_seed)
@@ -116,15 +121,15 @@ def probe_run(argv) -> None:
 
 @torch.no_grad()
 def extract(encoder: MultimodalEncoder, tensors, device, batch_size: int = 256) -> dict:
-    """Frozen 512-d features of one split: {modality: (N, 512) float32 numpy}."""
+    """Frozen 512-d features of one split: {modality: (N, 512) float32 numpy}, in the data's order."""
     encoder.eval()
     n = len(tensors["y"])
-    chunks = {m: [] for m in MODALITIES}
+    chunks = {m: [] for m in encoder.modalities}
     for start in range(0, n, batch_size):
         feats = encoder.features(take(tensors, torch.arange(start, min(n, start + batch_size)), device))
-        for m in MODALITIES:
+        for m in encoder.modalities:
             chunks[m].append(feats[m].float().cpu())
-    return {m: torch.cat(chunks[m]).numpy() for m in MODALITIES}
+    return {m: torch.cat(chunks[m]).numpy() for m in encoder.modalities}
 
 
 def run_probe(cfg: Config, data, models: dict[str, Objective], out_dir: str, log=print) -> list[dict]:

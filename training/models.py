@@ -1,12 +1,17 @@
-"""Per-modality encoders of the paper (Franceschini et al., ICPR 2022) over (T, F) feature sequences.
+"""Per-modality encoders of the paper (Franceschini et al., ICPR 2022), for any set of modalities.
 
-Each modality m has an encoder E_m: (B, T, F_m) -> (B, 512), the feature the fusion probe reads, and a
-projection head H_m: 512 -> 1024 -> 512 whose output feeds pairwise_nce (SimCLR/CLIP practice: the loss
-sees the head's output, the probe the encoder's):
-- text: a Transformer encoder (input projection, sinusoidal positions, pre-norm layers),
-- audio: a temporal convolutional network (residual blocks of dilated 1-D convolutions),
-- vision: a bidirectional GRU,
-each followed by masked mean-pooling over the valid time steps and a linear map to 512.
+Each modality m has an encoder E_m: (B, T, F_m) or (B, F_m) -> (B, 512), the feature the fusion probe reads,
+and a projection head H_m: 512 -> 1024 -> 512 whose output feeds the loss (SimCLR/CLIP practice: the loss
+sees the head's output, the probe the encoder's). The encoders (``ENCODERS``, chosen per modality with
+``--encoder NAME=KIND``):
+- "transformer" (the paper's for text): input projection, sinusoidal positions, pre-norm layers,
+- "tcn" (the paper's for audio): residual blocks of dilated 1-D convolutions,
+- "gru" (the paper's for vision): a bidirectional GRU,
+each followed by masked mean-pooling over the valid time steps and a linear map to 512;
+- "mlp": for vector features (B, F) (a sequence is mean-pooled over its valid steps first): ``layers``
+  hidden layers of ``width`` with ReLU and dropout, then a linear map to 512.
+By default (``default_encoder``) text, audio and vision get the paper's, another sequence modality the
+Transformer, a vector modality the MLP.
 
 The authors' encoders (github.com/ricfrr/mpuc-mer) are wider (a 6-layer Transformer at d_model = 300 for
 text); ``width`` and ``layers`` set the size here, and the defaults are small enough to train on two CPU
@@ -22,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .names import MODALITIES
+MAX_STEPS = 1024  # the Transformer's table of positions: the longest sequence it takes
 
 
 def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -33,7 +38,7 @@ def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 class TextEncoder(nn.Module):
     def __init__(self, in_dim: int, width: int, layers: int, out_dim: int, dropout: float, heads: int = 4,
-                 max_len: int = 1024):
+                 max_len: int = MAX_STEPS):
         super().__init__()
         self.inp = nn.Linear(in_dim, width)
         pos = torch.arange(max_len, dtype=torch.float32)[:, None]
@@ -48,7 +53,7 @@ class TextEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if x.shape[1] > self.pe.shape[0]:
-            raise ValueError(f"text sequences of at most {self.pe.shape[0]} steps expected, got {x.shape[1]}")
+            raise ValueError(f"sequences of at most {self.pe.shape[0]} steps expected, got {x.shape[1]}")
         h = self.inp(x) + self.pe[: x.shape[1]]
         # a sample with no valid step would attend to nothing (NaN): let it attend to its (zero) padding
         keys = mask | ~mask.any(dim=1, keepdim=True)
@@ -96,36 +101,66 @@ class GRUEncoder(nn.Module):
         return self.out(masked_mean(h, valid))
 
 
-ENCODERS = {"text": TextEncoder, "audio": TCNEncoder, "vision": GRUEncoder}
+class MLPEncoder(nn.Module):
+    """Vector features (B, F) through ``layers`` hidden layers; a sequence (B, T, F) is mean-pooled over its
+    valid steps first. A missing vector (mask False) is all zeros after standardization, like a missing
+    sequence's pooled state."""
+
+    def __init__(self, in_dim: int, width: int, layers: int, out_dim: int, dropout: float):
+        super().__init__()
+        dims = [in_dim] + [width] * layers
+        self.body = nn.Sequential(*(nn.Sequential(nn.Linear(a, b), nn.ReLU(), nn.Dropout(dropout))
+                                    for a, b in zip(dims, dims[1:])))
+        self.out = nn.Linear(dims[-1], out_dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            x = masked_mean(x, mask)
+        return self.out(self.body(x))
+
+
+ENCODERS = {"transformer": TextEncoder, "tcn": TCNEncoder, "gru": GRUEncoder, "mlp": MLPEncoder}
+SEQUENCE_ONLY = ("transformer", "tcn", "gru")
+PAPER = {"text": "transformer", "audio": "tcn", "vision": "gru"}  # the paper's encoder per MER modality
+
+
+def default_encoder(name: str, sequence: bool) -> str:
+    """The paper's encoder for text, audio and vision; a Transformer for another sequence; an MLP for vectors."""
+    if not sequence:
+        return "mlp"
+    return PAPER.get(name, "transformer")
 
 
 class MultimodalEncoder(nn.Module):
-    """Encoders and projection heads for the three modalities.
+    """Encoders and projection heads for every modality.
 
+    ``kinds`` maps each modality, in the data's order, to its encoder (a key of ``ENCODERS``).
     ``features(batch)`` -> {modality: (B, feat_dim)} (the probe's input); ``forward(batch)`` -> the heads'
     outputs {modality: (B, feat_dim)}. A batch is the dict of ``fastpair.training.data.to_tensors``:
-    ``batch[m]`` (B, T, F_m) and ``batch[m + "_mask"]`` (B, T) bool.
+    ``batch[m]`` (B, T, F_m) and ``batch[m + "_mask"]`` (B, T) bool, or (B, F_m) and (B,) for a vector.
     """
 
-    def __init__(self, dims: dict[str, int], width: int = 128, layers: int = 2, feat_dim: int = 512,
-                 proj_dim: int = 1024, dropout: float = 0.1):
+    def __init__(self, dims: dict[str, int], kinds: dict[str, str], width: int = 128, layers: int = 2,
+                 feat_dim: int = 512, proj_dim: int = 1024, dropout: float = 0.1):
         super().__init__()
-        missing = [m for m in MODALITIES if m not in dims]
-        if missing:
-            raise ValueError(f"feature sizes for {MODALITIES} expected, missing {missing}")
+        if set(kinds) != set(dims):
+            raise ValueError(f"an encoder for each of {sorted(dims)} expected, got {sorted(kinds)}")
+        self.modalities = tuple(kinds)
         self.encoders = nn.ModuleDict(
-            {m: ENCODERS[m](dims[m], width, layers, feat_dim, dropout) for m in MODALITIES})
+            {m: ENCODERS[kinds[m]](dims[m], width, layers, feat_dim, dropout) for m in self.modalities})
         self.heads = nn.ModuleDict({m: nn.Sequential(nn.Linear(feat_dim, proj_dim), nn.ReLU(),
-                                                     nn.Linear(proj_dim, feat_dim)) for m in MODALITIES})
+                                                     nn.Linear(proj_dim, feat_dim)) for m in self.modalities})
         self.drop = nn.Dropout(dropout)
 
     def features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {m: self.encoders[m](batch[m], batch[m + "_mask"]) for m in MODALITIES}
+        return {m: self.encoders[m](batch[m], batch[m + "_mask"]) for m in self.modalities}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.heads[m](self.drop(f)) for m, f in self.features(batch).items()}
 
 
-def present(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(M, B) bool: which samples have at least one valid step of each modality (pairwise_nce's mask)."""
-    return torch.stack([batch[m + "_mask"].any(dim=1) for m in MODALITIES])
+def present(batch: dict[str, torch.Tensor], modalities) -> torch.Tensor:
+    """(M, B) bool: which samples have each modality (a valid step of a sequence; a present vector): the
+    loss's mask."""
+    masks = [batch[m + "_mask"] for m in modalities]
+    return torch.stack([mask.any(dim=1) if mask.ndim == 2 else mask for mask in masks])

@@ -1,19 +1,22 @@
 """The training objectives of fastpair-train, behind one interface (the training loop never asks which).
 
-Both hold the same encoders (``fastpair.training.models.MultimodalEncoder``: per modality m an encoder E_m to
-a 512-d feature f_m and a projection head H_m) and add what their loss needs; ``model`` in a checkpoint is an
-objective's state_dict.
+All hold the same encoders (``fastpair.training.models.MultimodalEncoder``: per modality m of the data an
+encoder E_m to a 512-d feature f_m and a projection head H_m) and add what their loss needs; ``model`` in a
+checkpoint is an objective's state_dict.
 
-- ``pairwise_nce`` (the paper's, no labels): z_m = H_m(dropout(f_m)) and, for each modality pair (p, q) over
-  the samples that have both, with x, y the L2-normalized z_p, z_q and S_ij = <x_i, y_j> / t,
+- ``pairwise_nce`` (the paper's, no labels): z_m = H_m(dropout(f_m)) and, for each modality pair (p, q) of
+  ``--pairs`` (every pair by default) over the samples that have both, with x, y the L2-normalized z_p, z_q
+  and S_ij = <x_i, y_j> / t,
 
       L_pq = 1/(2n) sum_i [(logsumexp_j S_ij - S_ii) + (logsumexp_j S_ji - S_ii)],   L = mean_pq L_pq,
 
-  with one learnable temperature t (``fastpair.PairwiseNCE``). Under torchrun the j run over the global batch.
+  with one learnable temperature t (``fastpair.PairwiseNCE``; ``--label-smoothing`` its label_smoothing).
+  Under torchrun the j run over the global batch. With ``--views 2`` the batch holds two crops of every clip
+  and its ids (``fastpair.training.views``): the positives are the crops of the same clip.
 - ``pairwise_sigmoid`` (``--objective sigmoid``, no labels): the same encoders and heads with SigLIP's loss,
   L_pq = -(1/n) sum_ij log sigmoid(z_ij (S_ij + b)), z_ij = +1 for i = j, -1 else, with a learnable t and
   b (``fastpair.PairwiseSigmoid``).
-- ``supervised`` (a baseline): a linear head on the concatenation [f_text, f_audio, f_vision], trained with
+- ``supervised`` (a baseline): a linear head on the concatenation of every f_m, trained with
   the labels: cross-entropy over the classes, or the L1 error of sentiment scores (MulT's regression loss).
   The projection heads are unused.
 - ``random_init`` (the other baseline) is no objective: the pairwise_nce model as ``build`` makes it, untrained.
@@ -26,11 +29,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastpair import PairwiseNCE, PairwiseSigmoid, modality_pairs
+from fastpair import PairwiseNCE, PairwiseSigmoid
 
+from . import modalities
 from .config import Config
 from .models import MultimodalEncoder, present
-from .names import MODALITIES
 
 Stats = dict[str, torch.Tensor]
 
@@ -46,7 +49,9 @@ class Objective(nn.Module):
 
     def __init__(self, cfg: Config, data):
         super().__init__()
-        self.encoder = MultimodalEncoder(data.dims, width=cfg.width, layers=cfg.layers, dropout=cfg.dropout)
+        self.modalities = modalities.of(cfg, data)
+        self.encoder = MultimodalEncoder(data.dims, self.modalities.kinds, width=cfg.width, layers=cfg.layers,
+                                         dropout=cfg.dropout)
 
     def validation(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Stats]:
         return self(batch), {}
@@ -66,15 +71,16 @@ class LabelFree(Objective):
         """With ``group`` (W ranks, each passing its local batch) the negatives come from every rank's batch
         and the loss is W times this rank's share of the global loss: DistributedDataParallel's averaging
         then gives the gradients of the concatenated batch."""
-        z = self.encoder(batch)
-        return self.loss(*(z[m].float() for m in MODALITIES), mask=present(batch), group=group, return_stats=stats)
+        z, names = self.encoder(batch), self.modalities.names
+        return self.loss(*(z[m].float() for m in names), mask=present(batch, names), ids=batch.get("ids"),
+                         group=group, return_stats=stats)
 
     def validation(self, batch):
         loss, stats = self(batch, stats=True)
         return loss, {"pair_loss": stats["pair_losses"], "pair_accuracy": stats["pair_accuracy"]}
 
     def summary(self, stats):
-        names = [f"{MODALITIES[p]}-{MODALITIES[q]}" for p, q in modality_pairs(len(MODALITIES))]
+        names = self.modalities.pair_names()
         return {"valid_pair_loss": {k: float(v) for k, v in zip(names, stats["pair_loss"])},
                 # retrieval top-1 accuracy, both directions averaged
                 "valid_pair_accuracy": {k: float(v.mean()) for k, v in zip(names, stats["pair_accuracy"])},
@@ -87,7 +93,8 @@ class PairwiseNCEObjective(LabelFree):
 
     def __init__(self, cfg: Config, data):
         super().__init__(cfg, data)
-        self.loss = PairwiseNCE(len(MODALITIES), temperature=cfg.temperature)
+        self.loss = PairwiseNCE(len(self.modalities.names), temperature=cfg.temperature,
+                                pairs=self.modalities.pairs, label_smoothing=cfg.label_smoothing)
 
 
 class PairwiseSigmoidObjective(LabelFree):
@@ -95,7 +102,8 @@ class PairwiseSigmoidObjective(LabelFree):
 
     def __init__(self, cfg: Config, data):
         super().__init__(cfg, data)
-        self.loss = PairwiseSigmoid(len(MODALITIES), temperature=cfg.temperature, bias=cfg.bias)
+        self.loss = PairwiseSigmoid(len(self.modalities.names), temperature=cfg.temperature, bias=cfg.bias,
+                                    pairs=self.modalities.pairs)
 
 
 class SupervisedObjective(Objective):
@@ -106,7 +114,7 @@ class SupervisedObjective(Objective):
     def __init__(self, cfg: Config, data):
         super().__init__(cfg, data)
         self.task = data.task
-        self.head = nn.Linear(len(MODALITIES) * 512, len(data.classes) if data.task == "multiclass" else 1)
+        self.head = nn.Linear(len(self.modalities.names) * 512, len(data.classes) if data.task == "multiclass" else 1)
 
     def forward(self, batch, group=None):
         """The local batch's loss: its mean over the ranks' equal batches is the global batch's."""

@@ -1,8 +1,11 @@
-"""Fusion probe: linear models on frozen encoder features, for every modality subset (the paper's protocol).
+"""Fusion probe: linear models on frozen encoder features, for modality subsets (the paper's protocol).
 
-Protocol, per subset of (text, audio, vision) in ``SUBSETS`` order (T, A, V, TA, TV, AV, TAV):
+The probe runs on any set of M >= 1 modalities: the keys of ``features["train"]``, in their order. The subsets
+(``subsets``): for M <= 4 every non-empty one, by size (text, audio, vision: T, A, V, TA, TV, AV, TAV, which is
+``SUBSETS``); for M > 4, where that would be 2^M - 1 fits, every single modality, every leave-one-out subset and
+all of them (2M + 1). Per subset:
 
-1. concatenate the frozen 512-d features of the chosen modalities;
+1. concatenate the frozen features of the chosen modalities;
 2. standardize with a ``StandardScaler`` fit on the train split only;
 3. fit on train, for each regularization strength of a small grid, a scikit-learn
    ``LogisticRegression`` (multinomial, lbfgs; grid ``C_GRID``) for task "multiclass" or a ``Ridge``
@@ -10,6 +13,9 @@ Protocol, per subset of (text, audio, vision) in ``SUBSETS`` order (T, A, V, TA,
 4. choose the strength on the valid split: highest valid accuracy (classification) or lowest valid MAE
    (regression); ties go to the stronger regularization. The valid split is never trained on;
 5. report the test metrics of the chosen train-fitted model, plus the chosen ``C`` or ``alpha``.
+
+Each row names its modalities in full; the table and the plot label a subset with ``subset_label``: the initials
+(TA) when the run's modalities have distinct first letters, the names joined with "+" otherwise.
 
 Metrics (``classification_metrics``, ``regression_metrics``) follow MulT's ``src/eval_metrics.py``
 (Tsai et al. 2019) and MMSA, which the MER literature reports; every metric is a finite float by definition
@@ -28,7 +34,9 @@ import json
 import math
 import numbers
 import os
+import textwrap
 import warnings
+from collections.abc import Sequence
 from itertools import combinations
 
 import numpy as np
@@ -41,7 +49,6 @@ from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 from .checkpoint import atomic_write
 from .names import MODALITIES, SPLITS
 
-SUBSETS: list[tuple[str, ...]] = [c for k in (1, 2, 3) for c in combinations(MODALITIES, k)]  # T A V TA TV AV TAV
 TASKS = ("multiclass", "regression")
 C_GRID = (0.01, 0.1, 1.0, 10.0)  # LogisticRegression inverse L2 strength, strongest first
 ALPHA_GRID = (1e4, 1e3, 1e2, 1e1, 1.0, 0.1)  # Ridge L2 strength, strongest first
@@ -55,6 +62,61 @@ _TABLE = {  # format_table columns: (header, metric key, scale, format)
     "regression": [("acc2%", "acc2", 100, "{:.1f}"), ("F1%", "f1", 100, "{:.1f}"), ("acc7%", "acc7", 100, "{:.1f}"),
                    ("MAE", "mae", 1, "{:.3f}"), ("r", "corr", 1, "{:.3f}")],
 }
+ALL_SUBSETS_UP_TO = 4  # every subset up to M = 4 modalities (15 fits); beyond, singles + leave-one-outs + all
+
+
+def _check_names(modalities: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(modalities, str):  # a str is a Sequence[str] of its letters
+        raise ValueError(f"modalities must be a sequence of names, got the string {modalities!r}")
+    names = tuple(modalities)
+    if not names:
+        raise ValueError("modalities: need at least one modality, got none")
+    if not all(isinstance(m, str) and m for m in names):
+        raise ValueError(f"modalities must be non-empty strings, got {list(names)}")
+    duplicates = sorted({m for m in names if names.count(m) > 1})
+    if duplicates:
+        raise ValueError(f"modalities must be distinct, got {duplicates} more than once in {list(names)}")
+    return names
+
+
+def subsets(modalities: Sequence[str]) -> list[tuple[str, ...]]:
+    """The modality subsets the probe fits, in its row order.
+
+    M = len(modalities) <= ``ALL_SUBSETS_UP_TO`` (4): every non-empty subset (2^M - 1), by size and, within a
+    size, in ``itertools.combinations`` order of the given order (text, audio, vision: T A V TA TV AV TAV).
+    M > 4: every single modality in order, every leave-one-out subset (the one without the first modality
+    first) and all of them (2M + 1 subsets; every subset would be 255 fits at M = 8).
+    ValueError for no modality, a duplicate name or a name that is not a non-empty string.
+    """
+    names = _check_names(modalities)
+    if len(names) <= ALL_SUBSETS_UP_TO:
+        return [c for k in range(1, len(names) + 1) for c in combinations(names, k)]
+    leave_one_out = [names[:i] + names[i + 1:] for i in range(len(names))]
+    return [(m,) for m in names] + leave_one_out + [names]
+
+
+def _initials_distinct(modalities: Sequence[str]) -> bool:
+    initials = [m[0].upper() for m in modalities]
+    return len(set(initials)) == len(initials)
+
+
+def subset_label(subset: Sequence[str], modalities: Sequence[str]) -> str:
+    """The short name of ``subset`` in the table and the plot of a run on ``modalities``.
+
+    The uppercase first letters in the subset's order ("T", "TA", "TAV") when the first letters of all the
+    run's modalities are distinct (case-insensitively); otherwise the names joined with "+"
+    ("top_left+bottom_right"). The all-modalities row is spelled the same way (never "all"), so every label
+    names its subset on its own. ValueError for an empty subset or a name that is not one of ``modalities``.
+    """
+    unknown = [m for m in subset if m not in modalities]
+    if not subset or unknown:
+        raise ValueError(f"subset_label: {list(subset)} must be a non-empty subset of {list(modalities)}")
+    if _initials_distinct(modalities):
+        return "".join(m[0].upper() for m in subset)
+    return "+".join(subset)
+
+
+SUBSETS: list[tuple[str, ...]] = subsets(MODALITIES)  # the MER default: T A V TA TV AV TAV
 
 
 def _check_pair(y_true, y_pred, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -135,7 +197,36 @@ def regression_metrics(y_true, y_pred) -> dict:
     }
 
 
-def _check_inputs(features, labels, task, classes) -> None:
+def _check_labels(y, split: str, task: str, classes) -> int:
+    """The number of labels of ``split``; ValueError unless they fit ``task``."""
+    y, n = np.asarray(y).reshape(-1), len(y)
+    if task == "multiclass" and (n == 0 or np.any(y != np.round(y)) or y.min() < 0 or y.max() >= len(classes)):
+        raise ValueError(f"probe: labels[{split!r}] must be class ids in [0, {len(classes)}) ({classes})")
+    if task == "regression" and (n == 0 or not np.isfinite(y).all()):
+        raise ValueError(f"probe: labels[{split!r}] must be non-empty and finite for task 'regression'")
+    return n
+
+
+def _check_features(features, split: str, modalities: tuple[str, ...], n: int) -> None:
+    """ValueError unless features[split] holds exactly ``modalities``, each finite (n, D) with train's D."""
+    found = list(features[split])
+    if set(found) != set(modalities):
+        raise ValueError(f"probe: features[{split!r}] must hold the modalities of features['train']: "
+                         f"expected {list(modalities)}, found {found}")
+    for m in modalities:
+        x = features[split][m]
+        if x is None or np.ndim(x) != 2 or len(x) != n:
+            raise ValueError(f"probe: features[{split!r}][{m!r}] must be (N, D) with N = {n} labels, "
+                             f"got {None if x is None else np.shape(x)}")
+        if np.shape(x)[1] != np.shape(features["train"][m])[1]:
+            raise ValueError(f"probe: features[{split!r}][{m!r}] has {np.shape(x)[1]} features, "
+                             f"train has {np.shape(features['train'][m])[1]}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"probe: features[{split!r}][{m!r}] has non-finite values")
+
+
+def _check_inputs(features, labels, task, classes) -> tuple[str, ...]:
+    """The run's modalities, the keys of features["train"] in their order, once every input checks out."""
     if task not in TASKS:
         raise ValueError(f"probe: task must be one of {TASKS}, got {task!r}")
     if task == "multiclass" and not classes:
@@ -144,21 +235,12 @@ def _check_inputs(features, labels, task, classes) -> None:
         if split not in features or split not in labels:
             raise ValueError(f"probe: features and labels need split {split!r}, got {sorted(features)} "
                              f"and {sorted(labels)}")
-        y, n = np.asarray(labels[split]).reshape(-1), len(labels[split])
-        if task == "multiclass" and (n == 0 or np.any(y != np.round(y)) or y.min() < 0 or y.max() >= len(classes)):
-            raise ValueError(f"probe: labels[{split!r}] must be class ids in [0, {len(classes)}) ({classes})")
-        if task == "regression" and (n == 0 or not np.isfinite(y).all()):
-            raise ValueError(f"probe: labels[{split!r}] must be non-empty and finite for task 'regression'")
-        for m in MODALITIES:
-            x = features[split].get(m)
-            if x is None or np.ndim(x) != 2 or len(x) != n:
-                raise ValueError(f"probe: features[{split!r}][{m!r}] must be (N, D) with N = {n} labels, "
-                                 f"got {None if x is None else np.shape(x)}")
-            if np.shape(x)[1] != np.shape(features["train"][m])[1]:
-                raise ValueError(f"probe: features[{split!r}][{m!r}] has {np.shape(x)[1]} features, "
-                                 f"train has {np.shape(features['train'][m])[1]}")
-            if not np.isfinite(x).all():
-                raise ValueError(f"probe: features[{split!r}][{m!r}] has non-finite values")
+    if not features["train"]:
+        raise ValueError("probe: features['train'] holds no modality")
+    modalities = _check_names(features["train"])
+    for split in SPLITS:
+        _check_features(features, split, modalities, _check_labels(labels[split], split, task, classes))
+    return modalities
 
 
 def _fit_select(x, y, task: str, seed: int):
@@ -184,23 +266,25 @@ def _fit_select(x, y, task: str, seed: int):
 
 def probe(features: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray], task: str,
           classes: list[str] | None, dataset: str = "", seed: int = 0) -> list[dict]:
-    """Linear fusion probe on frozen features for every modality subset (see the module docstring).
+    """Linear fusion probe on frozen features for the modality subsets of ``subsets`` (see the module docstring).
 
-    features[split][modality]: (N_split, D_m) float features, splits "train", "valid", "test", modalities
-    text/audio/vision. labels[split]: (N_split,) int class ids in [0, len(classes)) for task "multiclass",
+    features[split][modality]: (N_split, D_m) float features for splits "train", "valid", "test". The
+    modalities are the keys of features["train"], in their order (any M >= 1 distinct names); every split must
+    hold exactly those keys. labels[split]: (N_split,) int class ids in [0, len(classes)) for task "multiclass",
     float scores for "regression". ``dataset == "iemocap"`` adds MulT's per-emotion binary metrics.
-    Returns one row per subset, in ``SUBSETS`` order: {"modalities": [...], "metrics": {..., "C" | "alpha"}}.
+    Returns one row per subset, in ``subsets(modalities)`` order: {"modalities": [names], "metrics": {...,
+    "C" | "alpha"}}. ValueError, naming the split and modality, for inputs that do not fit.
     """
-    _check_inputs(features, labels, task, classes)
+    modalities = _check_inputs(features, labels, task, classes)
     y = {s: np.asarray(labels[s]).reshape(-1) for s in SPLITS}
     y = {s: (v.astype(np.int64) if task == "multiclass" else v.astype(np.float64)) for s, v in y.items()}
     # Standardizing each modality once equals standardizing every concatenation (the scaler is per column).
     scaled = {}
-    for m in MODALITIES:
+    for m in modalities:
         scaler = StandardScaler().fit(np.asarray(features["train"][m], dtype=np.float64))
         scaled[m] = {s: scaler.transform(np.asarray(features[s][m], dtype=np.float64)) for s in SPLITS}
     rows = []
-    for subset in SUBSETS:
+    for subset in subsets(modalities):
         x = {s: np.hstack([scaled[m][s] for m in subset]) for s in SPLITS}
         with threadpool_limits(limits=BLAS_THREADS, user_api="blas"):
             model, chosen = _fit_select(x, y, task, seed)
@@ -229,6 +313,48 @@ def _finite(value, where: str):
     raise ValueError(f"write_results: metric {where} must be a finite number, got {value!r}")
 
 
+def _run_modalities(rows: list[dict]) -> tuple[str, ...]:
+    """The modalities of a run, from its result rows: the longest row's names in their order (probe's
+    all-modalities row keeps the data's order even when the rows come filtered or reordered), then any other
+    name in first-seen order."""
+    longest = max((r["modalities"] for r in rows), key=len, default=[])
+    return tuple(dict.fromkeys([*longest, *(m for r in rows for m in r["modalities"])]))
+
+
+def _subset_order(rows: list[dict], modalities: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The distinct subsets of ``rows``: those of ``subsets(modalities)`` in its order, then the rest as seen."""
+    seen = list(dict.fromkeys(tuple(r["modalities"]) for r in rows))
+    if not seen:
+        return []
+    rank = {s: i for i, s in enumerate(subsets(modalities))}
+    return sorted(seen, key=lambda s: rank.get(s, len(rank)))  # stable: the rest keep their first-seen order
+
+
+_BAR_IN = 0.35  # inches of figure width per bar
+_CHAR_IN = 0.1  # a generous width of one 10-pt character in inches, to fit the figure around its labels
+
+
+def _figure_layout(labels: list[str], n_encoders: int) -> tuple[float, float, int]:
+    """(width, height, tick-label rotation) of a bar chart with a group of ``n_encoders`` bars per label.
+
+    0.35 in per bar and at least 6 in, so 17 subsets x 4 encoders (M = 8) stay apart. Labels wider than a group
+    of bars turn vertical, and the figure grows by the longest one so the bars keep their height.
+    """
+    width = max(6.0, 1.0 + _BAR_IN * len(labels) * n_encoders)
+    longest = _CHAR_IN * max(len(label) for label in labels)
+    if longest <= 0.9 * (width - 1.0) / len(labels):
+        return width, 4.2, 0
+    return width, 4.2 + longest, 90
+
+
+def _axis_label(modalities: tuple[str, ...]) -> str:
+    """The x-axis title: the key to the initials of ``subset_label``, or plain "modalities" when the tick
+    labels spell the names in full."""
+    if not _initials_distinct(modalities):
+        return "modalities"
+    return "modalities (" + ", ".join(f"{m[0].upper()} = {m}" for m in modalities) + ")"
+
+
 def _plot(path: str, dataset: str, task: str, rows: list[dict]) -> None:
     # Figure + its own Agg canvas, without pyplot: no global backend switch, no figure registry to leak into.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -236,16 +362,23 @@ def _plot(path: str, dataset: str, task: str, rows: list[dict]) -> None:
 
     metric, encoders = HEADLINE[task], list(dict.fromkeys(r["encoder"] for r in rows))
     score = {(r["encoder"], tuple(r["modalities"])): r["metrics"][metric] for r in rows}
-    subsets = [s for s in SUBSETS if any(k[1] == s for k in score)]
-    fig = Figure(figsize=(max(6.0, 1.0 + 0.35 * len(subsets) * len(encoders)), 4.2), layout="constrained")
+    modalities = _run_modalities(rows)
+    shown = _subset_order(rows, modalities)
+    labels = [subset_label(s, modalities) for s in shown]
+    width_in, height_in, rotation = _figure_layout(labels, len(encoders))
+    fig = Figure(figsize=(width_in, height_in), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     width = 0.8 / len(encoders)
     for i, enc in enumerate(encoders):
-        xs = [j + (i - (len(encoders) - 1) / 2) * width for j in range(len(subsets))]
-        ax.bar(xs, [score.get((enc, s), 0.0) for s in subsets], width, label=enc)
-    ax.set_xticks(range(len(subsets)), ["".join(m[0].upper() for m in s) for s in subsets])
-    ax.set(xlabel="modalities (T = text, A = audio, V = vision)", ylabel=f"test {metric}", ylim=(0, 1),
+        xs = [j + (i - (len(encoders) - 1) / 2) * width for j in range(len(shown))]
+        ax.bar(xs, [score.get((enc, s), 0.0) for s in shown], width, label=enc)
+    ax.set_xticks(range(len(shown)), labels, rotation=rotation)
+    # Wrapped to the figure's width (with M = 8 the key to the initials outgrows a narrow figure), never inside
+    # an "X = name" entry: no-break spaces there.
+    xlabel = textwrap.fill(_axis_label(modalities).replace(" = ", "\N{NO-BREAK SPACE}=\N{NO-BREAK SPACE}"),
+                           int(width_in / _CHAR_IN))
+    ax.set(xlabel=xlabel, ylabel=f"test {metric}", ylim=(0, 1),
            title=f"{dataset or 'data'}: linear probe on frozen features ({task})")
     fig.legend(loc="outside lower center", ncols=len(encoders), fontsize="small")  # keeps the bars clear
     ax.grid(axis="y", alpha=0.3)
@@ -256,14 +389,16 @@ def write_results(out_dir, dataset: str, task: str, rows: list[dict]) -> None:
     """Write DIR/results.json and DIR/results.png, each atomically (temporary file + os.replace).
 
     rows: [{"encoder": "pairwise_nce" | "pairwise_sigmoid" | "random_init" | "supervised", "modalities": [...],
-    "metrics": {...}}].
+    "metrics": {...}}], at least one; "modalities" names the data's modalities in full, any set of them.
     results.json = {"dataset", "task", "rows": [{"encoder", "modalities", "metrics"}]}; every metric must be a
     finite number (ValueError naming the row and metric otherwise; nothing is written then). results.png: a
-    grouped bar chart of the headline test metric (accuracy for multiclass, acc2 for regression) per subset,
-    one bar per encoder.
+    grouped bar chart of the headline test metric (accuracy for multiclass, acc2 for regression) per subset, in
+    ``subsets`` order of the rows' modalities and labelled by ``subset_label``, one bar per encoder.
     """
     if task not in TASKS:
         raise ValueError(f"write_results: task must be one of {TASKS}, got {task!r}")
+    if not rows:
+        raise ValueError("write_results: no rows to write")
     clean = []
     for i, row in enumerate(rows):
         missing = {"encoder", "modalities", "metrics"} - set(row)
@@ -281,23 +416,27 @@ def write_results(out_dir, dataset: str, task: str, rows: list[dict]) -> None:
 
 
 def format_table(rows: list[dict], task: str) -> str:
-    """An aligned text table: one block per subset (SUBSETS order), one line per encoder, headline test metrics.
+    """An aligned text table: one block per subset, one line per encoder, headline test metrics.
 
-    Accuracies and F1 in percent; MAE and Pearson r as is. Rows without "encoder" (probe's own output) show "-".
+    The modalities come from the rows (``_run_modalities``), so any modality set works; the subsets follow
+    ``subsets`` order and carry ``subset_label``'s labels, the column as wide as the longest. Accuracies and F1
+    in percent; MAE and Pearson r as is. Rows without "encoder" (probe's own output) show "-".
     """
     if task not in TASKS:
         raise ValueError(f"format_table: task must be one of {TASKS}, got {task!r}")
     cols = _TABLE[task]
-    order = {s: i for i, s in enumerate(SUBSETS)}
+    modalities = _run_modalities(rows)
+    rank = {s: i for i, s in enumerate(_subset_order(rows, modalities))}
+    label = {s: subset_label(s, modalities) for s in rank}
     encoders = list(dict.fromkeys(r.get("encoder", "-") for r in rows))
-    rows = sorted(rows, key=lambda r: (order.get(tuple(r["modalities"]), len(order)),
-                                       encoders.index(r.get("encoder", "-"))))
-    enc_w = max(len("encoder"), *(len(e) for e in encoders))
-    header = f"{'subset':<6}  {'encoder':<{enc_w}}" + "".join(f"  {h:>6}" for h, *_ in cols)
+    rows = sorted(rows, key=lambda r: (rank[tuple(r["modalities"])], encoders.index(r.get("encoder", "-"))))
+    sub_w = max([len("subset"), *(len(text) for text in label.values())])
+    enc_w = max([len("encoder"), *(len(e) for e in encoders)])
+    header = f"{'subset':<{sub_w}}  {'encoder':<{enc_w}}" + "".join(f"  {h:>6}" for h, *_ in cols)
     lines, last = [header, "-" * len(header)], None
     for r in rows:
-        subset = "".join(m[0].upper() for m in r["modalities"])
+        subset = tuple(r["modalities"])
         cells = "".join(f"  {fmt.format(scale * r['metrics'][key]):>6}" for _, key, scale, fmt in cols)
-        lines.append(f"{subset if subset != last else '':<6}  {r.get('encoder', '-'):<{enc_w}}{cells}")
+        lines.append(f"{label[subset] if subset != last else '':<{sub_w}}  {r.get('encoder', '-'):<{enc_w}}{cells}")
         last = subset
     return "\n".join(lines)

@@ -21,11 +21,12 @@ import time
 import torch
 from torch import nn
 
-from .checkpoint import TrainState, load_checkpoint, restore, save_best, save_checkpoint
+from .checkpoint import TrainState, load_checkpoint, output_folder, restore, save_best, save_checkpoint
 from .config import Config, TrainError
 from .data import to_tensors
 from .objectives import Objective, build
 from .runlog import RunLog
+from .views import two_views
 from .world import (
     World,
     agreed,
@@ -70,7 +71,10 @@ def take(tensors: dict[str, torch.Tensor], idx: torch.Tensor, device: torch.devi
 
 
 def concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Splits with the same feature sizes stacked along N (pad the time axis to the longest)."""
+    """Splits with the same feature sizes stacked along N (pad the time axis to the longest). One split is
+    returned as it is: the training data stays held once, in the arrays the data set loaded."""
+    if len(parts) == 1:
+        return parts[0]
     out = {}
     for k in parts[0]:
         ts = [p[k] for p in parts]
@@ -86,7 +90,9 @@ class Batches:
     """This rank's training batches: the train split (with --transductive also valid and test, for an
     objective that uses no labels), an epoch's permutation from (seed, epoch) alone, full batches only (the
     contrastive task keeps its difficulty). Under torchrun a DistributedSampler deals each rank n // W
-    samples from the permutation a single process uses."""
+    samples from the permutation a single process uses. With --views 2 (label-free objectives) each batch
+    of B clips becomes 2B crops (``fastpair.training.views``), drawn from (seed, epoch, step, rank) alone so
+    that a resumed run crops as the interrupted one would have."""
 
     def __init__(self, cfg: Config, data, objective: Objective, world: World):
         self.splits = ["train"] + (["valid", "test"] if cfg.transductive and not objective.uses_labels else [])
@@ -96,6 +102,8 @@ class Batches:
             raise TrainError(f"{n} training samples cannot make a batch of 2 on each of {world.size} ranks")
         per_rank = n // world.size  # the DistributedSampler's share (drop_last); n for a single process
         self.n, self.seed = n, cfg.seed
+        self.views = cfg.views if not objective.uses_labels else 1
+        self.crop_length, self.modalities, self.rank = cfg.crop_length, data.modalities, world.rank
         self.size = min(cfg.batch_size, per_rank)
         self.per_epoch = per_rank // self.size
         self.sampler = None
@@ -111,8 +119,14 @@ class Batches:
         self.sampler.set_epoch(epoch)
         return torch.tensor(list(self.sampler), dtype=torch.long)
 
-    def batch(self, order: torch.Tensor, i: int, device: torch.device) -> dict[str, torch.Tensor]:
-        return take(self.tensors, order[i * self.size:(i + 1) * self.size], device)
+    def batch(self, order: torch.Tensor, i: int, device: torch.device, epoch: int = 0) -> dict[str, torch.Tensor]:
+        idx = order[i * self.size:(i + 1) * self.size]
+        batch = take(self.tensors, idx, device)
+        if self.views == 1:
+            return batch
+        key = ((self.seed * 1_000_003 + epoch) * 1_000_003 + i) * 1_009 + self.rank
+        gen = torch.Generator().manual_seed(key % (1 << 63))
+        return two_views(batch, idx, self.modalities, self.crop_length, gen)
 
 
 @torch.no_grad()
@@ -148,7 +162,7 @@ def fit(cfg: Config, data, objective: str, out_dir: str, resume: bool, log=print
     log = log if world.main else quiet
     with agreed(world):
         if world.main:
-            os.makedirs(out_dir, exist_ok=True)
+            output_folder(out_dir)
     device = device_of(cfg)
     ckpt_path, best_path = os.path.join(out_dir, "checkpoint.pt"), os.path.join(out_dir, "best.pt")
     model = build(cfg, data, objective).to(device)
@@ -189,7 +203,7 @@ def fit(cfg: Config, data, objective: str, out_dir: str, resume: bool, log=print
             lr = learning_rate(cfg, state.step, batches.per_epoch)  # the schedule is per step (warmup, decay)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
-            batch = batches.batch(order, i, device)
+            batch = batches.batch(order, i, device, state.epoch)
             with autocast(device):  # forward: the objective's loss of this rank's batch
                 loss = net(batch, group=group)
             loss.backward()  # under DDP the gradients are averaged over the ranks: the global batch's
