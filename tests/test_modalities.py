@@ -290,7 +290,7 @@ def test_every_bad_train_argument_gives_one_line(argv, words, four_npz, tmp_path
     for option, default in (("--data", four_npz), ("--out", tmp_path / "x"), ("--epochs", "1")):
         if option not in argv:
             argv += [option, default]
-    assert run_main(*argv, *TINY) == 2
+    assert run_main(*TINY, *argv) == 2  # argv last: its options win
     err = capsys.readouterr().err.strip()
     assert words in err and err.startswith("fastpair-train: error:") and len(err.splitlines()) == 1
 
