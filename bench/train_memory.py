@@ -1,6 +1,7 @@
 """Peak memory of a MOSEI-sized fastpair-train run: is the data held once?
 
     python -m bench.train_memory [--out bench/results] [--keep DIR]
+    python -m bench.train_memory --write FILE      (the data alone; what the measurement runs first)
 
 Writes a synthetic .npz the size of MulT's MOSEI file (random features, which is all memory depends on):
 train / valid / test 16326 / 1871 / 4659 clips, text (50, 300), audio (50, 74), vision (50, 35), sentiment
@@ -9,8 +10,11 @@ scores in [-3, 3]; about 1.9 GB of float32 features. Then runs, in a child proce
     fastpair-train --data FILE --epochs 1 --batch-size 326 --baselines "" --device cpu
 
 (326 clips per batch: 50 training steps; validation, checkpoints, and the probe on all 22856 clips), and
-reports the child's peak resident memory (getrusage's ru_maxrss) next to the size of the features and of
-an empty run's interpreter with torch and fastpair imported, into OUT/train-memory-<device>-<date>.json/.md.
+reports the child's own peak resident memory (getrusage(RUSAGE_SELF).ru_maxrss, read in the child) next to
+the size of the features and to the peak of a child that only imports torch and fastpair, into
+OUT/train-memory-<device>-<date>.json/.md.
+Each is a child of this small process (the data is written by a child too): a child forked from a process
+holding the data would count the parent's pages in its own peak until it execs.
 The data is held once when the peak stays near features + interpreter + the model's working memory (a
 copy per epoch, per objective or per split concatenation would add a multiple of 1.9 GB).
 """
@@ -22,7 +26,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,7 +39,7 @@ OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def write_mosei_sized(path: str, seed: int = 0) -> int:
-    """The .npz described above; returns the bytes of its feature arrays."""
+    """The .npz described above (call it in a child process); returns the bytes of its feature arrays."""
     rng = np.random.default_rng(seed)
     arrays, total = {}, 0
     for split, n in SPLITS.items():
@@ -48,29 +51,46 @@ def write_mosei_sized(path: str, seed: int = 0) -> int:
     return total
 
 
-def child_peak_mib(argv: list[str]) -> tuple[float, float]:
-    """(peak RSS in MiB, seconds) of ``python argv`` run to completion in a child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+# Run in the child: its own peak resident memory (RUSAGE_SELF), printed last on stderr, whatever the module does.
+_CHILD = """import resource, runpy, sys
+module, sys.argv = sys.argv[1], sys.argv[1:]
+try:
+    import torch, fastpair, fastpair.training.experiment
+    if module != "-":
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+finally:
+    print("peak_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+
+def child_peak_mib(module: str, argv: list[str]) -> tuple[float, float]:
+    """(peak RSS in MiB, seconds) of ``python -m module argv`` in a child process (module "-": imports only)."""
     start = datetime.datetime.now()
-    subprocess.run([sys.executable, *argv], check=True, stdout=subprocess.DEVNULL)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux; the largest child so far
-    if peak <= before:
-        raise RuntimeError("the child's peak is below an earlier child's: run each measurement in a fresh process")
-    return peak / 1024, (datetime.datetime.now() - start).total_seconds()
+    done = subprocess.run([sys.executable, "-c", _CHILD, module, *argv], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} failed: {done.stderr.strip()[-600:]}")
+    peak_kib = int(done.stderr.strip().splitlines()[-1].split()[-1])
+    return peak_kib / 1024, (datetime.datetime.now() - start).total_seconds()
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.train_memory", description=__doc__.splitlines()[0])
     p.add_argument("--out", default=OUT, help="where the .json and .md go")
     p.add_argument("--keep", help="a folder for the .npz and the run (default: a temporary one, removed)")
+    p.add_argument("--write", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.write:
+        print(write_mosei_sized(args.write))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or tmp
         os.makedirs(work, exist_ok=True)
         data = os.path.join(work, "mosei_sized.npz")
-        feature_bytes = write_mosei_sized(data)
-        idle, _ = child_peak_mib(["-c", "import torch, fastpair, fastpair.training.experiment"])
-        peak, seconds = child_peak_mib(["-m", "fastpair.training.train", "--data", data, "--out",
+        feature_bytes = int(subprocess.run([sys.executable, "-m", "bench.train_memory", "--write", data], check=True,
+                                           capture_output=True, text=True).stdout.split()[-1])
+        idle, _ = child_peak_mib("-", [])
+        peak, seconds = child_peak_mib("fastpair.training.train", ["--data", data, "--out",
                                         os.path.join(work, "run"), "--epochs", "1", "--batch-size", str(BATCH),
                                         "--baselines", "", "--device", "cpu"])
     result = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),

@@ -325,3 +325,27 @@ def test_every_bad_probe_argument_gives_one_line(finished_run, tmp_path, capsys,
     assert experiment.probe_main(["--run", str(finished_run)]) == 2
     err = capsys.readouterr().err.strip()
     assert "--run" in err and "cannot write in the folder (Permission denied)" in err
+
+
+def test_a_sequence_too_long_for_the_transformer_is_refused_before_training(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 8), ("valid", 4), ("test", 4)):
+        steps = 1100 if split == "test" else 16  # only the test split is too long
+        arrays[f"{split}/long"] = rng.normal(size=(n, steps, 2)).astype(np.float32)
+        arrays[f"{split}/short"] = rng.normal(size=(n, 3)).astype(np.float32)
+        arrays[f"{split}/labels"] = np.arange(n) % 2
+    d = data.load(_npz(tmp_path, arrays))
+    with pytest.raises(config.TrainError, match="long has 1100 time steps"):
+        modalities.of(_cfg(), d)
+    assert modalities.of(_cfg("--encoder", "long=tcn"), d).kinds["long"] == "tcn"
+
+
+def test_sigmoid_objective_with_a_pair_list_and_two_views(four_npz, tmp_path):
+    out = tmp_path / "run"
+    assert run_main("--data", four_npz, "--out", out, "--epochs", "1", "--objective", "sigmoid", "--temperature",
+                    "0.1", "--pairs", "words-pose,gaze-sound", "--views", "2", "--baselines", "", *TINY) == 0
+    _, *log = read_jsonl(out / "log.jsonl")
+    assert list(log[0]["valid_pair_loss"]) == ["words-pose", "gaze-sound"] and "bias" in log[0]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["encoder"] for r in rows] == ["pairwise_sigmoid"] * 15

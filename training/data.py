@@ -317,14 +317,12 @@ def _clean(parts: dict, src: str) -> tuple[dict[str, Split], dict[str, int]]:
             if lengths[m] is not None:  # valid iff t < length (padding at the end)
                 mask = np.arange(a.shape[1]) < np.asarray(lengths[m]).reshape(-1, 1)
             else:  # valid iff some feature is nonzero; NaN != 0, so a NaN step is data
-                mask = (a != 0).any(axis=-1)
+                mask = _chunked(a, lambda part: (part != 0).any(axis=-1))
             with np.errstate(over="ignore"):  # float64 beyond float32's range -> inf, zeroed just below
                 x = np.require(a, np.float32, ["C", "W"])  # no copy when it already is float32
             if any(np.may_share_memory(x, other) for other in xs.values()):
                 x = x.copy()  # one object under two keys (pickle memo): standardize each once
-            bad = ~np.isfinite(x)
-            nonfinite[f"{s}/{m}"] = int(bad.sum())
-            x[bad] = 0.0
+            nonfinite[f"{s}/{m}"] = int(_chunked(x, _zero_nonfinite).sum())
             xs[s, m], masks[s, m] = x, mask
     if any(nonfinite.values()):
         counts = ", ".join(f"{k}: {v}" for k, v in nonfinite.items() if v)
@@ -341,6 +339,19 @@ def _clean(parts: dict, src: str) -> tuple[dict[str, Split], dict[str, int]]:
                        {m: masks[s, m][:, 0] if vector[m] else masks[s, m] for m in names}, parts[s][2])
               for s in parts}
     return splits, nonfinite
+
+
+def _chunked(x: np.ndarray, fn, chunk: int = 1024) -> np.ndarray:
+    """fn over chunks of samples, concatenated: a temporary the size of a chunk, not of the modality (a bool
+    copy of MOSEI's text features alone is 345 MB)."""
+    return np.concatenate([np.atleast_1d(fn(x[i:i + chunk])) for i in range(0, len(x), chunk)] or [fn(x)])
+
+
+def _zero_nonfinite(part: np.ndarray) -> np.ndarray:
+    """Set NaN and +-inf in ``part`` (a view) to 0 in place; returns how many per sample."""
+    bad = ~np.isfinite(part)
+    part[bad] = 0.0
+    return bad.reshape(len(part), -1).sum(axis=1)
 
 
 def _feature_stats(x: np.ndarray, mask: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:

@@ -47,7 +47,7 @@ def _encoders(cfg: Config, data, names: tuple[str, ...]) -> dict[str, str]:
                              "sequences (use mlp)")
     kinds = {m: chosen.get(m, default_encoder(m, data.is_sequence(m))) for m in names}
     for m in names:
-        steps = data.splits["train"].x[m].shape[1] if data.is_sequence(m) else 0
+        steps = max(sp.x[m].shape[1] for sp in data.splits.values()) if data.is_sequence(m) else 0
         if kinds[m] == "transformer" and steps > MAX_STEPS:
             raise TrainError(f"{m} has {steps} time steps; the transformer encoder takes at most "
                              f"{MAX_STEPS} (choose --encoder {m}=tcn, gru or mlp)")
