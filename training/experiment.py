@@ -5,9 +5,11 @@
     torchrun --nproc-per-node K -m fastpair.training.train [the same options]   # K ranks, B per rank
     fastpair-probe --run DIR [--data PATH]   # the probe again, on a finished run
 
-1. Train the three encoders and their projection heads with pairwise_nce (learnable temperature; or, with
+1. Train an encoder and a projection head per modality of the data (``fastpair.training.modalities``:
+   ``--encoder``, ``--pairs``) with pairwise_nce (learnable temperature; ``--label-smoothing``; or, with
    ``--objective sigmoid``, pairwise_sigmoid with a learnable temperature and bias) on the train split, no
-   labels (``--transductive``: also on valid and test, as the authors' code did). Every epoch
+   labels (``--transductive``: also on valid and test, as the authors' code did; ``--views 2``: two crops of
+   every clip per step, ``fastpair.training.views``). Every epoch
    DIR/checkpoint.pt holds the full state and DIR/best.pt the model with the lowest validation loss
    (``fastpair.training.train``, ``fastpair.training.checkpoint``).
 2. Baselines with the same architecture and seed: ``random_init`` (the untrained encoders) and
