@@ -349,3 +349,14 @@ def test_sigmoid_objective_with_a_pair_list_and_two_views(four_npz, tmp_path):
     assert list(log[0]["valid_pair_loss"]) == ["words-pose", "gaze-sound"] and "bias" in log[0]
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["encoder"] for r in rows] == ["pairwise_sigmoid"] * 15
+
+
+def test_a_resumed_two_view_run_ends_with_the_weights_of_an_uninterrupted_one(four_npz, tmp_path):
+    """The crops come from (seed, epoch, step, rank) alone and the dropout RNG is in the checkpoint: one epoch,
+    then --resume to two, is bitwise the run of two epochs (the step schedule does not depend on the total)."""
+    common = ["--data", four_npz, "--views", "2", "--schedule", "step", "--baselines", "", *TINY]
+    assert run_main(*common, "--out", tmp_path / "whole", "--epochs", "2") == 0
+    assert run_main(*common, "--out", tmp_path / "cut", "--epochs", "1") == 0
+    assert run_main(*common, "--out", tmp_path / "cut", "--epochs", "2", "--resume") == 0
+    whole, cut = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in ("whole", "cut"))
+    assert whole.keys() == cut.keys() and all(torch.equal(whole[k], cut[k]) for k in whole)
