@@ -98,6 +98,9 @@ BAD_FILES = {
     "vector_then_sequence": (lambda a: {**a, "valid/pose": a["valid/pose"][:, None, :]}, "train/pose is (N, F)"),
     "other_features": (lambda a: {**a, "test/words": a["test/words"][..., :4]}, "5 features"),
     "missing_in_a_split": (lambda a: {k: v for k, v in a.items() if k != "valid/gaze"}, "valid/gaze"),
+    "empty_split": (lambda a: {k: v[:0] if k.startswith("test/") else v for k, v in a.items()}, "needs samples"),
+    "no_time_steps": (lambda a: {**a, "train/words": a["train/words"][:, :0]}, "time steps"),
+    "no_features": (lambda a: {**a, "train/pose": a["train/pose"][:, :0]}, "features"),
 }
 
 
@@ -181,6 +184,11 @@ def test_two_views_are_crops_of_their_clip(four_npz):
             assert any(all(not keep[k] or (s + k < series.shape[0] and valid[s + k]
                                            and torch.equal(series[s + k], crop[k])) for k in range(3))
                        for s in starts), (m, r)
+
+
+def test_a_crop_longer_than_the_time_axis_is_the_time_axis(four_npz):
+    batch, _, d = _two_view_batch(four_npz, crop=1500)
+    assert all(batch[m].shape[1] == d.splits["train"].x[m].shape[1] for m in ("words", "sound", "gaze"))
 
 
 def test_two_views_are_drawn_from_seed_epoch_step_and_rank(four_npz):
@@ -275,13 +283,24 @@ BAD_TRAIN = [
     (["--out", "{file}/below"], "cannot create the folder"),
     (["--data", "{file}"], "not a supported file"),
     (["--config", "/nonexistent.json"], "cannot read the config file"),
+    (["--config", '{config:views="2"}'], "views must be int"),
+    (["--config", "{config:lr=true}"], "lr must be float"),
 ]
 
 
 def _fill(argv, tmp_path):
+    """{file}: a plain file; {config:K=V}: a JSON config file {K: V}, V written in JSON."""
     file = tmp_path / "a_file"
     file.write_text("not a folder")
-    return [a.replace("{file}", str(file)) for a in argv]
+    out = []
+    for a in argv:
+        if a.startswith("{config:"):
+            key, _, value = a[len("{config:"):-1].partition("=")
+            path = tmp_path / "config.json"
+            path.write_text(json.dumps({key: json.loads(value)}))
+            a = str(path)
+        out.append(a.replace("{file}", str(file)))
+    return out
 
 
 @pytest.mark.parametrize("argv, words", BAD_TRAIN)
@@ -310,6 +329,9 @@ def test_every_bad_probe_argument_gives_one_line(finished_run, tmp_path, capsys,
         (["--run", str(tmp_path)], "no such file"),
         (["--run", str(finished_run), "--data", str(file)], "not a supported file"),
         (["--run", str(finished_run), "--data", str(tmp_path / "missing.npz")], "cannot read"),
+        (["--run", str(finished_run), "--data", "synthetic"], "does not fit --data synthetic"),
+        (["--run", str(finished_run), "--data", _npz(tmp_path, {**four_modality_arrays(), "train/labels": np.zeros(
+            SIZES["train"], dtype=np.int64)}, "one_class.npz")], "the probe cannot run"),
     ]
     for argv, words in cases:
         assert experiment.probe_main(argv) == 2, argv

@@ -109,6 +109,13 @@ def read_config_file(path: str) -> dict:
     unknown = sorted(set(values) - names)
     if unknown:
         raise TrainError(f"{path}: unknown options {unknown}; known: {sorted(names)}")
+    if isinstance(values.get("encoder"), list) and all(isinstance(e, str) for e in values["encoder"]):
+        values["encoder"] = ",".join(values["encoder"])  # the repeatable --encoder, as a list
+    for f in dataclasses.fields(Config):
+        value = values.get(f.name)
+        kinds = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}[f.type]
+        if f.name in values and (not isinstance(value, kinds) or (isinstance(value, bool) and f.type != "bool")):
+            raise TrainError(f"{path}: {f.name} must be {f.type}, got {value!r}")
     return values
 
 

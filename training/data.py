@@ -256,6 +256,9 @@ def _modality(d: dict, split: str, m: str, src: str, shapes: dict) -> np.ndarray
         raise DataError(f"{src}: {split}/{m} has shape {x.shape}, expected (N, T, F) sequences or (N, F) vectors")
     if x.dtype.kind not in "biuf":
         raise DataError(f"{src}: {split}/{m} has dtype {x.dtype}, expected numbers")
+    if len(x) == 0 or 0 in x.shape[1:]:
+        raise DataError(f"{src}: {split}/{m} has shape {x.shape}: every split needs samples, every sequence "
+                        "time steps and every modality features")
     kind = (x.ndim, x.shape[-1])
     if shapes.setdefault(m, kind) != kind:
         expected = "(N, T, F)" if shapes[m][0] == 3 else "(N, F)"

@@ -9,6 +9,8 @@ steps x 4 pixels) and the fourth as a (16,) vector, so a run mixes sequence and 
 
     top_left (N, 4, 4)   top_right (N, 4, 4)   bottom_left (N, 4, 4)   bottom_right (N, 16)
 
+with "{name}_lengths" 4 for the sequences (a blank pixel row is white, not padding),
+
 written as an .npz in fastpair-train's layout ("{split}/{name}", "{split}/labels") with a random 60/20/20
 train/valid/test split of the images (``--seed``). No quadrant alone shows the whole digit, so the label-free
 loss has to find what the quadrants of one image share.
@@ -42,6 +44,8 @@ def digits_arrays(seed: int = 0) -> dict[str, np.ndarray]:
         for name, (rows, cols) in QUADRANTS.items():
             quadrant = images[idx][:, rows, cols]
             out[f"{split}/{name}"] = quadrant.reshape(len(idx), -1) if name == VECTOR else quadrant
+            if name != VECTOR:  # every row is data: a blank pixel row is white, not padding
+                out[f"{split}/{name}_lengths"] = np.full(len(idx), quadrant.shape[1])
         out[f"{split}/labels"] = labels[idx]
     return out
 

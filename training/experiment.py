@@ -115,7 +115,11 @@ def probe_run(argv) -> None:
     for name, path in ((label_free, best), ("supervised", os.path.join(args.run, "supervised", "best.pt"))):
         if os.path.exists(path):
             models[name] = build(cfg, data, name)
-            models[name].load_state_dict(load_checkpoint(path)["model"])
+            try:
+                models[name].load_state_dict(load_checkpoint(path)["model"])
+            except RuntimeError as err:  # other modalities or feature sizes than the run was trained on
+                raise TrainError(f"{path} does not fit --data {cfg.data} (modalities {', '.join(data.modalities)}, "
+                                 f"features {data.dims}): {str(err).splitlines()[0]}") from None
     if "random_init" in baselines(cfg):
         models["random_init"] = build(cfg, data, label_free)
     run_probe(cfg, data, dict(sorted(models.items(), key=lambda kv: ENCODER_NAMES.index(kv[0]))), args.run)
@@ -145,8 +149,11 @@ def run_probe(cfg: Config, data, models: dict[str, Objective], out_dir: str, log
     for name, model in models.items():
         start = time.perf_counter()
         feats = {s: extract(model.encoder.to(device), tensors[s], device) for s in tensors}
-        for row in probe.probe(feats, labels, data.task, data.classes, dataset=data.name, seed=cfg.seed):
-            rows.append({"encoder": name, **row})
+        try:
+            found = probe.probe(feats, labels, data.task, data.classes, dataset=data.name, seed=cfg.seed)
+        except ValueError as err:  # data the probe cannot score (one class in train, every score 0, ...)
+            raise TrainError(f"the probe cannot run on {data.source}: {err}") from None
+        rows += [{"encoder": name, **row} for row in found]
         log(f"[probe] {name}: {time.perf_counter() - start:.1f} s")
     probe.write_results(out_dir, data.name, data.task, rows)
     print(probe.format_table(rows, data.task))

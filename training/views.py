@@ -6,10 +6,10 @@ as positives of each other across modalities (row i of modality p against row j 
 iff ids[i] == ids[j]), and every other clip's crops as negatives. The indices are the data set's, so ids
 stay unique across torchrun's ranks, which the loss gathers.
 
-A crop of a sequence is a window of L steps (``--crop-length``; 0 means half the time axis, rounded up),
-its start uniform over the clip's valid span: from the first valid step to the last start that keeps the
-window inside the span (the first valid step when the clip is shorter than L, the window then running past
-its end onto padding). Steps past the time axis are padding. A crop without a valid step leaves that
+A crop of a sequence is a window of L steps (``--crop-length``, at most the time axis T; 0 means half of T,
+rounded up), its start uniform over the clip's valid span: from the first valid step to the last start that
+keeps the window inside the span (the first valid step when the clip is shorter than L, the window then
+running past its end onto padding, and past T: padding too). A crop without a valid step leaves that
 modality missing in that view (the loss's mask). A vector modality has no time axis: both views hold it whole.
 """
 
@@ -48,7 +48,7 @@ def two_views(batch: dict[str, torch.Tensor], ids: torch.Tensor, modalities, cro
         if x.ndim == 2:
             out[m], out[m + "_mask"] = x.repeat(2, 1), mask.repeat(2)
             continue
-        length = crop_length or (x.shape[1] + 1) // 2
+        length = min(crop_length or (x.shape[1] + 1) // 2, x.shape[1])
         crops = [crop(x, mask, length, generator) for _ in range(2)]
         out[m] = torch.cat([c[0] for c in crops])
         out[m + "_mask"] = torch.cat([c[1] for c in crops])
