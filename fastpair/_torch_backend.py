@@ -244,13 +244,20 @@ def _backward_pair(x, y, v, scale, bounded, block, row, col, c, identity, gx, gy
             g.add_(t).mul_(cs)
         if identity:
             g[:, i0:i1].diagonal().add_(diag[i0:i1])
-        if want_dt:
-            dx = torch.mm(g, y)
-            sgs = sgs + (dx * x[i0:i1]).sum()
-            gx[i0:i1] += dx
-        else:
-            gx[i0:i1].addmm_(g, y)
-        gy.addmm_(g.T, x[i0:i1])
+        sgs = add_block_grads(g, x, y, i0, i1, gx, gy, sgs)
+    return sgs
+
+
+def add_block_grads(g, x, y, i0: int, i1: int, gx, gy, sgs):
+    """dL/dS of rows [i0, i1) (g) into gx[i0:i1] += g y and gy += g^T x[i0:i1]; with sgs (not None) also
+    sgs += sum(dL/dS * S) * t = <g y, x[i0:i1]>, what the temperature's gradient needs."""
+    if sgs is not None:
+        dx = torch.mm(g, y)
+        sgs = sgs + (dx * x[i0:i1]).sum()
+        gx[i0:i1] += dx
+    else:
+        gx[i0:i1].addmm_(g, y)
+    gy.addmm_(g.T, x[i0:i1])
     return sgs
 
 

@@ -24,6 +24,7 @@ from . import distributed, epilogue
 from ._torch_backend import (
     Plan,
     _normalize_backward,
+    add_block_grads,
     default_block,
     prepare,
     top1_buffers,
@@ -141,13 +142,7 @@ def _backward_pair(x, y, v, scale, b, block, c, identity, gx, gy, want_dt, buf, 
         if identity:
             g[:, i0:i1].diagonal().sub_(v_rows[i0:i1])
         gsum = gsum + g.sum()
-        if want_dt:
-            dx = torch.mm(g, y)
-            sgs = sgs + (dx * x[i0:i1]).sum()
-            gx[i0:i1] += dx
-        else:
-            gx[i0:i1].addmm_(g, y)
-        gy.addmm_(g.T, x[i0:i1])
+        sgs = add_block_grads(g, x, y, i0, i1, gx, gy, sgs)
     return sgs, gsum / scale
 
 

@@ -135,6 +135,16 @@ def case_kwargs(case: dict, n: int, m: int = 3, mask_seed: int = 5) -> dict:
     return kw
 
 
+def case_inputs(kw: dict, n: int, seed: int):
+    """(3 embeddings (n, 6), a temperature per pair of the case) for a case of case_kwargs; unnormalized cases
+    get embeddings scaled down so that their logits stay moderate."""
+    zs = make_embeddings(3, n, 6, seed=seed)
+    if not kw.get("normalize", True):
+        zs = [(z.detach() * 0.3).requires_grad_() for z in zs]
+    pairs = kw.get("pairs")
+    return zs, [0.05, 0.1, 0.2][: len(pairs) if pairs else 3]
+
+
 def small(n: int, backend: str) -> int:
     """Shapes for the Triton interpreter stay small (it emulates every block op on the CPU)."""
     return min(n, 33) if backend == "triton" and not torch.cuda.is_available() else n

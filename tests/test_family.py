@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     assert_close,
+    case_inputs,
     case_kwargs,
     check_against_reference,
     device_for,
@@ -55,11 +56,7 @@ def _kwargs(case: str, n: int, m: int = 3):
 def test_matches_reference(case, learnable, backend):
     n = small(45, backend)
     kw = _kwargs(case, n)
-    zs = make_embeddings(3, n, 6, seed=31)
-    if not kw.get("normalize", True):
-        zs = [(z.detach() * 0.3).requires_grad_() for z in zs]
-    pairs = kw.get("pairs")
-    temperature = [0.05, 0.1, 0.2][: len(pairs) if pairs else 3]
+    zs, temperature = case_inputs(kw, n, seed=31)
     check_against_reference(zs, backend, temperature=temperature, learnable=learnable, block_size=16, **kw)
 
 

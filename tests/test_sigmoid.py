@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     assert_close,
+    case_inputs,
     case_kwargs,
     check_against_reference,
     device_for,
@@ -41,11 +42,7 @@ def _kwargs(case: str, n: int, m: int = 3) -> dict:
 def test_matches_reference(case, learnable, backend):
     n = small(45, backend)
     kw = _kwargs(case, n)
-    zs = make_embeddings(3, n, 6, seed=41)
-    if not kw.get("normalize", True):
-        zs = [(z.detach() * 0.3).requires_grad_() for z in zs]
-    pairs = kw.get("pairs")
-    temperature = [0.05, 0.1, 0.2][: len(pairs) if pairs else 3]
+    zs, temperature = case_inputs(kw, n, seed=41)
     if learnable and not isinstance(kw.get("bias", -10.0), list):
         kw["bias"] = [kw.get("bias", -10.0)] * len(temperature)  # a (P,) bias tensor that learns
     check_against_reference(zs, backend, temperature=temperature, learnable=learnable, block_size=16,
