@@ -93,9 +93,11 @@ class Groups:
         return out
 
 
-def target_terms(x, y, groups: Groups, scale: float, r0: int, r1: int, both: bool = True) -> torch.Tensor:
+def target_terms(x, y, groups: Groups, scale: float | torch.Tensor, r0: int, r1: int,
+                 both: bool = True) -> torch.Tensor:
     """(r1 - r0,) at this process's rows: <x_i, ybar_i> / t, plus <xbar_i, y_i> / t when `both` directions
-    have terms (InfoNCE; the sigmoid's sum over i and j has one). The epilogue masks V."""
+    have terms (InfoNCE; the sigmoid's sum over i and j has one); scale: 1/t, a number or a 0-d tensor. The
+    epilogue masks V."""
     terms = (x[r0:r1] * groups.mean(y, at=(r0, r1))).sum(dim=1)
     if both:
         terms = terms + (groups.mean(x, at=(r0, r1)) * y[r0:r1]).sum(dim=1)

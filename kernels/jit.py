@@ -14,12 +14,15 @@ S2_ii and, for statistics, the first argmax. The column statistics of S_pq are t
 S_qp, so the deterministic path launches both directions of every pair (2 matmul passes per pair). When
 the logits are bounded (normalized inputs and 1/t <= 60: |S| <= 1/t, exp2 needs no max) the fast path
 launches one direction and adds each tile's column sums of exp2(S2) into an fp32 buffer with atomics
-(1 pass per pair; not bitwise reproducible).
+(1 pass per pair; not bitwise reproducible). With a temperature tensor the host does not read 1/t (that
+would wait for the GPU): BOUND_ON_DEVICE has the kernels read the bound from a device flag instead. The
+launch then holds both directions; when the flag is set, the reverse directions sweep nothing and the
+forward ones pin the running max at 0 (the bounded sum) and add the column sums.
 
 Backward, G = dL/dS = c_k (P + Q - 2T) (c_k: the epilogue's coefficient times the incoming gradient; T
 the targets: I by default, in which case the kernel subtracts it; with ids or label smoothing the host adds
 the T part, O(N*D), fastpair.targets), P = exp2(S2 - lse2_row[i]), Q = exp2(S2 - lse2_col[j]); when
-bounded one exp2 serves both:
+bounded one exp2 serves both (decided at run time under BOUND_ON_DEVICE):
 G = c E (2^-lse2_row[i] + 2^-lse2_col[j]). `grad_panel_kernel` recomputes the tiles of one row panel and
 writes W = diag(r_p) G diag(r_q) / t (input dtype); two GEMMs on the host then give both gradients
 (atomic-free, deterministic). dL/dt_k = -s_k sum_ij G_ij S_ij is reduced from the tiles, no extra pass.
@@ -77,20 +80,27 @@ def _valid(valid_ptr, a, b, offs, N, HAS_MASK: tl.constexpr):
 # N % 16 == 0, and for every such class of a panel's offsets): fewer compilations, same loads (the large
 # tile loads use the strides, which stay specialized).
 @triton.jit(do_not_specialize=["N", "ROW0", "N_ROWS", "N_BUCKET", "D_BUCKET"])
-def fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, bias_ptr, dir_ptr,
+def fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, bias_ptr, dir_ptr, flag_ptr,
                 lse_ptr, diag_ptr, arg_ptr, colsum_ptr,
                 N, ROW0, N_ROWS, D, stride_m, stride_n, N_BUCKET, D_BUCKET,
-                HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, ATOMIC_COLS: tl.constexpr, STATS: tl.constexpr,
-                SIGMOID: tl.constexpr,
+                HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, BOUND_ON_DEVICE: tl.constexpr,
+                ATOMIC_COLS: tl.constexpr, STATS: tl.constexpr, SIGMOID: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 INPUT_PRECISION: tl.constexpr):
     """Per row of one directed pair: log2-sum-exp2 of S2 (InfoNCE), or (SIGMOID) the sum of
-    softplus(S + b) over the valid columns, in nats; S2_ii; the first argmax (STATS)."""
+    softplus(S + b) over the valid columns, in nats; S2_ii; the first argmax (STATS).
+    BOUND_ON_DEVICE: the flag at flag_ptr says whether the logits are bounded (BOUNDED is then False);
+    with ATOMIC_COLS the directions come in pairs (p, q), (q, p), and a set flag skips the second."""
     pid_m = tl.program_id(0)
     d = tl.program_id(1)
     a = tl.load(dir_ptr + 3 * d)
     b = tl.load(dir_ptr + 3 * d + 1)
     k = tl.load(dir_ptr + 3 * d + 2)
+    sweep_end = N
+    if BOUND_ON_DEVICE:
+        fast = tl.load(flag_ptr) != 0
+        if ATOMIC_COLS:  # the column sums of the forward direction replace the reverse direction's sweep
+            sweep_end = tl.where(fast & (d % 2 == 1), 0, N)
     m_start = ROW0 + pid_m * BLOCK_M  # rows [ROW0, ROW0 + N_ROWS) of S: all N, or one rank's share
     offs_m = m_start + tl.arange(0, BLOCK_M)
     in_rows = offs_m < ROW0 + N_ROWS
@@ -105,7 +115,7 @@ def fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, bias_ptr, dir_ptr,
     diag = tl.zeros((BLOCK_M,), tl.float32)
     best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     best_idx = tl.zeros((BLOCK_M,), tl.int32)
-    for start_n in range(0, N, BLOCK_N):
+    for start_n in range(0, sweep_end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = _valid(valid_ptr, a, b, offs_n, N, HAS_MASK)
         s2, rb = _scaled_tile(z_ptr, rnorm_ptr, a, b, offs_m, offs_n, row_f, N, D, stride_m, stride_n,
@@ -129,9 +139,16 @@ def fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, bias_ptr, dir_ptr,
             else:
                 # online log-sum-exp: l <- l * 2^(m_old - m_new) + sum 2^(s - m_new)
                 m_new = tl.maximum(m_i, tl.max(s2, axis=1))
+                if BOUND_ON_DEVICE:
+                    m_new = tl.where(fast, 0.0, m_new)  # bounded: 2^s needs no max (the sum above)
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s2 - m_safe[:, None]), axis=1)
+                e = tl.exp2(s2 - m_safe[:, None])
+                l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(e, axis=1)
                 m_i = m_new
+                if BOUND_ON_DEVICE and ATOMIC_COLS:
+                    if fast:  # uniform across the launch
+                        part = tl.sum(tl.where(row_ok[:, None], e, 0.0), axis=0)
+                        tl.atomic_add(colsum_ptr + k * N + offs_n, part, mask=col_ok)
         if STATS:
             t_max = tl.max(s2, axis=1)
             t_arg = tl.argmax(s2, axis=1, tie_break_left=True).to(tl.int32) + start_n
@@ -153,9 +170,10 @@ def fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, bias_ptr, dir_ptr,
 
 
 @triton.jit(do_not_specialize=["N", "k", "row0", "rows", "N_BUCKET", "D_BUCKET"])
-def grad_panel_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, bias_ptr, coef_ptr, lse_ptr, w_ptr, sgs_ptr,
-                      sgb_ptr, pair_ptr, k, row0, rows, N, D, stride_m, stride_n, N_BUCKET, D_BUCKET,
-                      HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, NEEDS_DT: tl.constexpr,
+def grad_panel_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, bias_ptr, coef_ptr, lse_ptr, flag_ptr, w_ptr,
+                      sgs_ptr, sgb_ptr, pair_ptr, k, row0, rows, N, D, stride_m, stride_n, N_BUCKET, D_BUCKET,
+                      HAS_MASK: tl.constexpr, BOUNDED: tl.constexpr, BOUND_ON_DEVICE: tl.constexpr,
+                      NEEDS_DT: tl.constexpr,
                       IDENTITY: tl.constexpr, SIGMOID: tl.constexpr, NEEDS_DB: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       INPUT_PRECISION: tl.constexpr):
@@ -186,6 +204,11 @@ def grad_panel_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, bias_ptr, coef_pt
         lse_col = tl.load(lse_ptr + (2 * k + 1) * N + offs_n, mask=col_ok, other=0.0)
         if BOUNDED:
             g = tl.exp2(s2) * (tl.exp2(-lse_row)[:, None] + tl.exp2(-lse_col)[None, :])
+        elif BOUND_ON_DEVICE:
+            if tl.load(flag_ptr) != 0:  # uniform across the launch: one exp2 per logit when bounded
+                g = tl.exp2(s2) * (tl.exp2(-lse_row)[:, None] + tl.exp2(-lse_col)[None, :])
+            else:
+                g = tl.exp2(s2 - lse_row[:, None]) + tl.exp2(s2 - lse_col[None, :])
         else:
             g = tl.exp2(s2 - lse_row[:, None]) + tl.exp2(s2 - lse_col[None, :])
     ok = row_ok[:, None] & col_ok[None, :]

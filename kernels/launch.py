@@ -34,6 +34,9 @@ class Staged:
     pairs: tuple[tuple[int, int], ...]
     in_dtype: torch.dtype  # the inputs' dtype (z may be fp32 in the interpreter for bf16, see stage)
     bias: torch.Tensor | None = None  # (P,) fp32: the sigmoid objective's b per pair (None: InfoNCE)
+    # 0-d int32 on the device, 1 when the logits are bounded: set when the temperature is a tensor, whose
+    # values the host does not read (a read would wait for the GPU); None: the host passes `bounded`
+    flag: torch.Tensor | None = None
 
     @property
     def sigmoid(self) -> bool:
@@ -43,6 +46,11 @@ class Staged:
     def bias_or_any(self) -> torch.Tensor:
         """A pointer for the kernels' bias argument, which InfoNCE launches never read."""
         return self.scale2 if self.bias is None else self.bias
+
+    @property
+    def flag_or_any(self) -> torch.Tensor:
+        """A pointer for the kernels' flag argument, unread unless BOUND_ON_DEVICE."""
+        return self.scale2 if self.flag is None else self.flag
 
 
 @dataclass(frozen=True)
@@ -55,9 +63,10 @@ class Swept:
     diag: torch.Tensor
     args: torch.Tensor | None
     colsum: torch.Tensor | None
+    on_device: bool = False  # both directions swept and colsum kept: staged.flag says which statistics hold
 
 
-def stage(zs, mask, scale2: torch.Tensor, pairs, normalize: bool, rnorm=None, bias=None) -> Staged:
+def stage(zs, mask, scale2: torch.Tensor, pairs, normalize: bool, rnorm=None, bias=None, flag=None) -> Staged:
     """Stack the inputs, cast the mask, and compute the inverse norms (or take the forward's `rnorm`)."""
     z = torch.stack([t.contiguous() for t in zs])
     in_dtype = z.dtype
@@ -74,7 +83,7 @@ def stage(zs, mask, scale2: torch.Tensor, pairs, normalize: bool, rnorm=None, bi
         valid = torch.empty(1, dtype=torch.int8, device=z.device)
     else:
         valid = mask.to(torch.int8).contiguous()
-    return Staged(z, valid, mask is not None, rnorm, scale2, tuple(pairs), in_dtype, bias)
+    return Staged(z, valid, mask is not None, rnorm, scale2, tuple(pairs), in_dtype, bias, flag)
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -88,15 +97,19 @@ def forward(staged: Staged, bounded: bool, stats: bool, deterministic: bool, row
     """One launch for all pairs. bounded: normalized inputs and every 1/t <= exp_bound(float32)
     (fastpair.numerics). InfoNCE: the fast path (one direction per pair, column sums by fp32 atomics)
     unless statistics, unbounded logits or torch.use_deterministic_algorithms ask for the atomic-free
-    two-direction sweep. The sigmoid objective (staged.bias) needs no column statistics: one direction
-    per pair, both only for the column argmax of statistics."""
+    two-direction sweep. With staged.flag (a temperature tensor) the fast path is taken where the flag
+    says so on the device: both directions are launched, and Swept holds both kinds of column statistics
+    (`column_statistics` picks). The sigmoid objective (staged.bias) needs no column statistics: one
+    direction per pair, both only for the column argmax of statistics."""
     z, pairs = staged.z, staged.pairs
     _, n, d = z.shape
     rows = n if rows is None else rows
     device = z.device
-    atomic = bounded and not stats and not deterministic and not staged.sigmoid
+    eligible = not stats and not deterministic and not staged.sigmoid
+    on_device = staged.flag is not None and eligible
+    atomic = (bounded or on_device) and eligible
     directed = [(p, q, k) for k, (p, q) in enumerate(pairs)]
-    if stats or not (atomic or staged.sigmoid):
+    if stats or on_device or not (atomic or staged.sigmoid):
         directed = [t for k, (p, q) in enumerate(pairs) for t in ((p, q, k), (q, p, k))]
     num_dir = len(directed)
     lse = torch.empty(num_dir, rows, dtype=torch.float32, device=device)
@@ -107,12 +120,13 @@ def forward(staged: Staged, bounded: bool, stats: bool, deterministic: bool, row
     kernel, tiles = (tuning.fwd_tuned, {}) if cfg is None else (fwd_kernel, cfg)
     kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), num_dir)](
         z, staged.rnorm, staged.valid, staged.scale2, staged.bias_or_any,
-        constant(tuple(directed), torch.int32, str(device)), lse, diag, args, colsum,
+        constant(tuple(directed), torch.int32, str(device)), staged.flag_or_any, lse, diag, args, colsum,
         n, row0, rows, d, z.stride(0), z.stride(1), *tuning.buckets(n, d),
-        HAS_MASK=staged.has_mask, BOUNDED=bounded and not staged.sigmoid, ATOMIC_COLS=atomic, STATS=stats,
-        SIGMOID=staged.sigmoid, INPUT_PRECISION=input_precision(staged.in_dtype), **tiles,
+        HAS_MASK=staged.has_mask, BOUNDED=bounded and not on_device and not staged.sigmoid,
+        BOUND_ON_DEVICE=on_device, ATOMIC_COLS=atomic, STATS=stats, SIGMOID=staged.sigmoid,
+        INPUT_PRECISION=input_precision(staged.in_dtype), **tiles,
     )
-    return Swept(lse, diag, args if stats else None, colsum if atomic else None)
+    return Swept(lse, diag, args if stats else None, colsum if atomic else None, on_device)
 
 
 def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -170,9 +184,10 @@ def backward(staged: Staged, lse: torch.Tensor, coef: torch.Tensor, bounded: boo
                 if needed:
                     partials.zero_()  # a launch writes one partial per tile: none may stay from a larger grid
             kernel[lambda meta, r=r: (triton.cdiv(r, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
-                z, staged.rnorm, staged.valid, staged.scale2, staged.bias_or_any, coef, lse, w, part, part_b,
-                pair_table, k, start, r, n, d, z.stride(0), z.stride(1), *tuning.buckets(n, d),
-                HAS_MASK=staged.has_mask, BOUNDED=bounded and not staged.sigmoid, NEEDS_DT=needs_dt,
+                z, staged.rnorm, staged.valid, staged.scale2, staged.bias_or_any, coef, lse, staged.flag_or_any, w,
+                part, part_b, pair_table, k, start, r, n, d, z.stride(0), z.stride(1), *tuning.buckets(n, d),
+                HAS_MASK=staged.has_mask, BOUNDED=bounded and staged.flag is None and not staged.sigmoid,
+                BOUND_ON_DEVICE=staged.flag is not None and not staged.sigmoid, NEEDS_DT=needs_dt,
                 IDENTITY=identity, SIGMOID=staged.sigmoid, NEEDS_DB=needs_db,
                 INPUT_PRECISION=input_precision(staged.in_dtype), **tiles,
             )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fastpair import distributed, epilogue
-from fastpair.call import Call, PerPair, read_per_pair
+from fastpair.call import Call, PerPair
 from fastpair.numerics import LN2, LOG2E, exp_bound
 from fastpair.tables import constant, pair_valid
 from fastpair.targets import Groups, add_target_grads, group_labels, identity_targets, target_terms, top1_hits
@@ -23,15 +23,16 @@ from . import launch
 
 # Bump when an op's signature or autograd formula changes: torch.compile's on-disk caches key a compiled
 # step on its forward graph and could replay a backward recorded against the old op.
-OPS_VERSION = 4
+OPS_VERSION = 5
 
 
 def _call(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, group, pairs, ids,
           label_smoothing) -> Call:
     """The Call the public function validated, rebuilt from the op's flattened arguments."""
     pairs = _unflatten(pairs)
-    values = tuple(known_t) if known_t else tuple(read_per_pair("temperature", temperature, len(pairs)))
-    temperature = PerPair("temperature", values, None, (len(pairs),))
+    # a tensor's values stay on the device: reading them would wait for the GPU (see _bound, nan_unless_valid)
+    temperature = PerPair("temperature", tuple(known_t) if known_t else None, None if known_t else temperature,
+                          (len(pairs),))
     return Call(pairs=pairs, temperature=temperature, weights=tuple(weights), mask=mask, ids=ids,
                 label_smoothing=label_smoothing, normalize=normalize, return_stats=stats, backend="triton",
                 block_size=None, shard=distributed.shard_from_op_arguments(sizes, rank, group))
@@ -45,6 +46,35 @@ def _scale2(temperature: torch.Tensor) -> torch.Tensor:
     return (LOG2E / temperature.float()).contiguous()  # on the device: no copy from the host
 
 
+def _bound(call: Call, temperature: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+    """(bounded, flag): whether |S| <= 1/t <= exp_bound(float32) for every pair (normalized inputs), on the
+    host from numeric temperatures; from a tensor, a 0-d int32 flag computed on the device (bounded is then
+    False and the kernels read the flag)."""
+    if not call.normalize or call.temperature.values is not None:
+        return _host_bounded(call.temperature.values or (), call.normalize), None
+    scale = 1.0 / temperature.float()
+    return False, ((scale > 0) & (scale <= exp_bound(torch.float32))).all().to(torch.int32)
+
+
+def _host_bounded(known_t, normalize: bool) -> bool:
+    return bool(known_t) and normalize and max(1.0 / t for t in known_t) <= exp_bound(torch.float32)
+
+
+def nan_unless_valid(parameters, *outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The outputs, or NaN where a parameter tensor holds an invalid value (a temperature not finite and
+    > 0, a bias not finite): the device-side counterpart of the host's ValueError, which would need a sync.
+    parameters: (name, tensor) pairs; a tensor None (numbers, checked on the host) is skipped."""
+    ok = None
+    for name, tensor in parameters:
+        if tensor is None:
+            continue
+        valid = torch.isfinite(tensor) & (tensor > 0) if name == "temperature" else torch.isfinite(tensor)
+        ok = valid.all() if ok is None else ok & valid.all()
+    if ok is None:
+        return outputs
+    return tuple(torch.where(ok, out, torch.full_like(out, float("nan"))) for out in outputs)
+
+
 @torch.library.custom_op(f"fastpair::pairwise_nce_fwd_v{OPS_VERSION}", mutates_args=())
 def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t: list[float],
                      mask: torch.Tensor | None, weights: list[float], normalize: bool, stats: bool,
@@ -53,21 +83,22 @@ def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t:
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor, torch.Tensor]:
     """Returns loss, pair_losses (P,), accuracy (P, 2), lse2 (2P, N), r (M, N), coef (P,), the target terms'
-    sums over this process's valid rows (P,) (fastpair.targets; zeros for identity targets) and `bounded`
-    as a 0-d bool tensor on the CPU (so that the backward reads it without a device sync).
-    temperature: (P,) tensor; known_t: the same values as numbers when the caller had them (no sync).
+    sums over this process's valid rows (P,) (fastpair.targets; zeros for identity targets) and the bound
+    flag of `_bound` (0-d int32; unset and unread with numeric temperatures).
+    temperature: (P,) tensor; known_t: the same values as numbers when the caller had them. A tensor's
+    values are never read on the host: invalid ones make the loss NaN (`nan_unless_valid`).
     sizes, rank, group: fastpair.distributed.op_arguments of a process group ([], 0, "" without one).
     pairs: the P pairs flattened (p0, q0, p1, q1, ...)."""
     call = _call(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, group, pairs, ids,
                  label_smoothing)
     n = zs[0].shape[0]
     r0, r1 = call.rows(n)
-    bounded = normalize and max(1.0 / t for t in call.temperature.values) <= exp_bound(torch.float32)
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
-        staged = launch.stage(zs, mask, _scale2(temperature), call.pairs, normalize)
+        bounded, flag = _bound(call, temperature)
+        staged = launch.stage(zs, mask, _scale2(temperature), call.pairs, normalize, flag=flag)
         swept = launch.forward(staged, bounded, stats, torch.are_deterministic_algorithms_enabled(),
                                row0=r0, rows=r1 - r0)
-        table, lse_row, lse_col, diag = _statistics(call, swept, n)
+        table, lse_row, lse_col, diag = _statistics(call, swept, n, flag)
         hits = _hits(call, swept.args, r0, r1) if stats else None
         if call.identity_targets:
             done = epilogue.finish(call, n, lse_row, lse_col, 2.0 * diag, hits, unit=LN2)
@@ -76,8 +107,11 @@ def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t:
             target = _target_terms(call, staged, n)
             done = epilogue.finish(call, n, lse_row * LN2, lse_col * LN2, target, hits)
             sums = epilogue.valid_row_sums(call, n, target)
-    return (done.loss, done.pair_losses, done.accuracy, table, staged.rnorm, done.coef, sums,
-            torch.tensor(bounded, dtype=torch.bool))
+        loss, pair_losses = nan_unless_valid([("temperature", None if known_t else temperature)], done.loss,
+                                             done.pair_losses)
+        if flag is None:  # an output must be a fresh tensor: an unread placeholder, no launch
+            flag = torch.empty((), dtype=torch.int32, device=table.device)
+    return loss, pair_losses, done.accuracy, table, staged.rnorm, done.coef, sums, flag
 
 
 def _hits(call: Call, args: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
@@ -102,10 +136,17 @@ def _target_terms(call: Call, staged: launch.Staged, n: int) -> torch.Tensor:
     r0, r1 = call.rows(n)
     labels = None if call.ids is None else group_labels(call.ids)
     xs, out = _normalized(staged), []
+    scales = inverse_temperatures(call)
     for k, (p, q) in enumerate(call.pairs):
         groups = Groups.of(labels, call.mask, (p, q), call.label_smoothing, xs[p])
-        out.append(target_terms(xs[p], xs[q], groups, 1.0 / call.temperature.values[k], r0, r1))
+        out.append(target_terms(xs[p], xs[q], groups, scales[k], r0, r1))
     return torch.stack(out)
+
+
+def inverse_temperatures(call: Call):
+    """1/t per pair: host numbers, or a (P,) tensor on the device when the temperature is one."""
+    t = call.temperature
+    return [1.0 / v for v in t.values] if t.values is not None else 1.0 / t.tensor.float()
 
 
 def _add_target_grads(staged: launch.Staged, mask, ids, eps: float, coef, scale, dxw, r0: int, r1: int) -> None:
@@ -120,27 +161,43 @@ def _add_target_grads(staged: launch.Staged, mask, ids, eps: float, coef, scale,
                          dxw[p], dxw[q], r0, r1)
 
 
-def _statistics(call: Call, swept: launch.Swept, n: int):
+def _statistics(call: Call, swept: launch.Swept, n: int, flag: torch.Tensor | None):
     """The backward's (2P, N) lse2 table (row 2k: pair k's row statistics, needed at this process's rows;
     row 2k+1: its column statistics, needed at every row) and, at this process's rows, the epilogue's
     (P, rows) row and column lse2 and S2_ii. Column statistics of every rank's rows: all-gathered from the
-    reverse direction's rows (two-direction path) or from the all-reduced column sums (fast path)."""
+    reverse direction's rows (two-direction path) or from the all-reduced column sums (fast path); with
+    the bound decided on the device, both, and the flag picks (the collectives run either way, so that
+    every rank makes the same calls)."""
+    if swept.on_device:
+        one_way = _one_way(call, swept.lse[0::2], swept.colsum, swept.diag[0::2], n)
+        two_way = _two_way(call, swept.lse, swept.diag)
+        fast = flag.bool()
+        return tuple(torch.where(fast, a, b) for a, b in zip(one_way, two_way))
+    if swept.colsum is None:
+        return _two_way(call, swept.lse, swept.diag)
+    return _one_way(call, swept.lse, swept.colsum, swept.diag, n)
+
+
+def _two_way(call: Call, lse: torch.Tensor, diag: torch.Tensor):
+    """_statistics from both directions' row statistics (2P, rows)."""
+    table = lse if call.shard is None else distributed.gather_rows(call.shard, lse.T).T.contiguous()
+    return table, lse[0::2], lse[1::2], diag[0::2]
+
+
+def _one_way(call: Call, lse: torch.Tensor, colsum: torch.Tensor, diag: torch.Tensor, n: int):
+    """_statistics from one direction's row statistics (P, rows) and the column sums of exp2 (P, N)."""
     r0, r1 = call.rows(n)
     num_pairs = len(call.pairs)
-    if swept.colsum is None:
-        local = swept.lse
-        table = local if call.shard is None else distributed.gather_rows(call.shard, local.T).T.contiguous()
-        return table, local[0::2], local[1::2], swept.diag[0::2]
-    colsum = swept.colsum if call.shard is None else distributed.all_reduce(call.shard, swept.colsum)
+    colsum = colsum if call.shard is None else distributed.all_reduce(call.shard, colsum)
     col = torch.log2(colsum)
     if call.mask is not None:
         col = torch.where(pair_valid(call.mask, call.pairs), col, torch.zeros_like(col))
-    row = swept.lse
+    row = lse
     if call.shard is not None:  # other ranks' row statistics are never read: zeros
         row = torch.zeros(num_pairs, n, dtype=row.dtype, device=row.device)
-        row[:, r0:r1] = swept.lse
+        row[:, r0:r1] = lse
     table = torch.stack([row, col], dim=1).reshape(2 * num_pairs, n)
-    return table, swept.lse, col[:, r0:r1], swept.diag
+    return table, lse, col[:, r0:r1], diag
 
 
 @pairwise_nce_fwd.register_fake
@@ -150,26 +207,28 @@ def _(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, gr
     def f32(*shape):
         return zs[0].new_empty(shape, dtype=torch.float32)
 
-    return f32(), f32(p), f32(p, 2), f32(2 * p, n), f32(m, n), f32(p), f32(p), torch.empty((), dtype=torch.bool)
+    return (f32(), f32(p), f32(p, 2), f32(2 * p, n), f32(m, n), f32(p), f32(p),
+            zs[0].new_empty((), dtype=torch.int32))
 
 
 @torch.library.custom_op(f"fastpair::pairwise_nce_bwd_v{OPS_VERSION}", mutates_args=())
 def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: torch.Tensor,
                      mask: torch.Tensor | None, lse: torch.Tensor, rnorm: torch.Tensor, coef: torch.Tensor,
-                     bounded: torch.Tensor, normalize: bool, needs_dt: bool, sizes: list[int], rank: int,
-                     pairs: list[int], ids: torch.Tensor | None, label_smoothing: float, target_sums: torch.Tensor,
+                     bounded: bool, flag: torch.Tensor | None, normalize: bool, needs_dt: bool, sizes: list[int],
+                     rank: int, pairs: list[int], ids: torch.Tensor | None, label_smoothing: float,
+                     target_sums: torch.Tensor,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns dL/dz stacked (M, N, D) in the input dtype and dL/dt (P,) (zeros when not needed).
-    bounded: the forward's 0-d CPU bool; the temperatures are not read on the host again. With a process
-    group, the gradient of this rank's share of the loss w.r.t. the gathered batch (no communication
-    here: the gather's backward sums the ranks' gradients)."""
+    bounded: from numeric temperatures (host); flag: the forward's device flag for a temperature tensor
+    (None otherwise). With a process group, the gradient of this rank's share of the loss w.r.t. the
+    gathered batch (no communication here: the gather's backward sums the ranks' gradients)."""
     identity = identity_targets(ids, label_smoothing)
     n = zs[0].shape[0]
     r0, rows = distributed.rows_from_op_arguments(sizes, rank, n)
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
-        staged = launch.stage(zs, mask, _scale2(temperature), _unflatten(pairs), normalize, rnorm=rnorm)
+        staged = launch.stage(zs, mask, _scale2(temperature), _unflatten(pairs), normalize, rnorm=rnorm, flag=flag)
         c = (grad.float() * coef).contiguous()
-        dxw, sgs, _ = launch.backward(staged, lse, c, bool(bounded.item()), needs_dt, identity, row0=r0, rows=rows)
+        dxw, sgs, _ = launch.backward(staged, lse, c, bounded, needs_dt, identity, row0=r0, rows=rows)
         scale = 1.0 / temperature.float()
         if not identity:
             _add_target_grads(staged, mask, ids, label_smoothing, c, scale, dxw, r0, r0 + rows)
@@ -182,7 +241,7 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
 
 
 @pairwise_nce_bwd.register_fake
-def _(grad, zs, temperature, mask, lse, rnorm, coef, bounded, normalize, needs_dt, sizes, rank, pairs, ids,
+def _(grad, zs, temperature, mask, lse, rnorm, coef, bounded, flag, normalize, needs_dt, sizes, rank, pairs, ids,
       label_smoothing, target_sums):
     m, (n, d) = len(zs), zs[0].shape
     return zs[0].new_empty((m, n, d)), zs[0].new_empty((len(pairs) // 2,), dtype=torch.float32)
@@ -190,8 +249,8 @@ def _(grad, zs, temperature, mask, lse, rnorm, coef, bounded, normalize, needs_d
 
 @dataclass(frozen=True)
 class _State:
-    """Forward -> backward, besides the saved tensors (temperature, lse2, r, coef, target sums, bounded,
-    ids (or an empty placeholder), *zs)."""
+    """Forward -> backward, besides the saved tensors (temperature, lse2, r, coef, target sums, the bound
+    flag, ids (or an empty placeholder), *zs)."""
 
     mask: torch.Tensor | None
     normalize: bool
@@ -206,19 +265,22 @@ class _State:
 
 def _setup_context(ctx, inputs, output):
     zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, _group, pairs, ids, eps = inputs
-    _, pair_losses, accuracy, lse, rnorm, coef, sums, bounded = output
+    _, pair_losses, accuracy, lse, rnorm, coef, sums, flag = output
     ids_saved = ids if ids is not None else torch.empty(0, dtype=torch.int64)
-    ctx.save_for_backward(temperature, lse, rnorm, coef, sums, bounded, ids_saved, *zs)
+    ctx.save_for_backward(temperature, lse, rnorm, coef, sums, flag, ids_saved, *zs)
     ctx.state = _State(mask, normalize, temperature.requires_grad, sizes, rank, known_t, pairs, ids is not None, eps)
-    ctx.mark_non_differentiable(pair_losses, accuracy, lse, rnorm, coef, sums, bounded)
+    ctx.mark_non_differentiable(pair_losses, accuracy, lse, rnorm, coef, sums, flag)
 
 
 def _backward(ctx, grad_loss, *_unused):
-    temperature, lse, rnorm, coef, sums, bounded, ids, *zs = ctx.saved_tensors
+    temperature, lse, rnorm, coef, sums, flag, ids, *zs = ctx.saved_tensors
     state: _State = ctx.state
+    known = state.known_t  # numbers: the bound is the host's; a tensor: the forward's device flag
+    bounded = _host_bounded(known, state.normalize)
     grads, dt = pairwise_nce_bwd(grad_loss, zs, temperature, state.mask, lse, rnorm, coef, bounded,
-                                 state.normalize, state.needs_dt, state.sizes, state.rank, state.pairs,
-                                 ids if state.has_ids else None, state.label_smoothing, sums)
+                                 None if known or not state.normalize else flag, state.normalize, state.needs_dt,
+                                 state.sizes, state.rank, state.pairs, ids if state.has_ids else None,
+                                 state.label_smoothing, sums)
     # torch.library matches the gradient structure to the inputs' pytree, where an empty list stays a list
     known_grad = [] if not state.known_t else None
     sizes_grad = [] if not state.sizes else None
@@ -243,7 +305,8 @@ def _device_values(parameter: PerPair, num_pairs: int, device) -> tuple[torch.Te
 
 def pairwise_nce_triton(zs, call: Call):
     """(loss, pair_losses, accuracy) of a validated call through the custom ops. A temperature tensor
-    keeps its gradient; its values are read and checked inside the forward op (one small host sync)."""
+    keeps its gradient and is never read on the host (no sync): the bound of the fast path is decided on
+    the device, and invalid values give a NaN loss instead of the ValueError numbers get."""
     t, known = _device_values(call.temperature, len(call.pairs), zs[0].device)
     pairs = [i for pair in call.pairs for i in pair]
     sizes, rank, group = distributed.op_arguments(call.shard)

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from fastpair import distributed, epilogue
-from fastpair.call import Call, PerPair, read_per_pair
+from fastpair.call import Call, PerPair
 from fastpair.numerics import LN2
 from fastpair.targets import Groups, add_target_grads, group_labels, target_terms
 
 from . import launch
-from .ops import _device_values, _hits, _normalized, _scale2, _unflatten
+from .ops import _device_values, _hits, _normalized, _scale2, _unflatten, inverse_temperatures, nan_unless_valid
 
-OPS_VERSION = 1  # bump when an op's signature or autograd formula changes (see ops.OPS_VERSION)
+OPS_VERSION = 2  # bump when an op's signature or autograd formula changes (see ops.OPS_VERSION)
 
 
 def _call(zs, temperature, known_t, bias, known_b, mask, weights, normalize, stats, sizes, rank, group, pairs,
@@ -29,11 +29,13 @@ def _call(zs, temperature, known_t, bias, known_b, mask, weights, normalize, sta
     """The Call the public function validated, rebuilt from the op's flattened arguments."""
     pairs = _unflatten(pairs)
     num_pairs = len(pairs)
-    t = tuple(known_t) if known_t else tuple(read_per_pair("temperature", temperature, num_pairs))
-    b = tuple(known_b) if known_b else tuple(read_per_pair("bias", bias, num_pairs))
-    return Call(pairs=pairs, temperature=PerPair("temperature", t, None, (num_pairs,)), weights=tuple(weights),
+
+    def per_pair(name, known, tensor):  # a tensor's values stay on the device (see ops.nan_unless_valid)
+        return PerPair(name, tuple(known) if known else None, None if known else tensor, (num_pairs,))
+
+    return Call(pairs=pairs, temperature=per_pair("temperature", known_t, temperature), weights=tuple(weights),
                 mask=mask, ids=ids, label_smoothing=0.0, normalize=normalize, return_stats=stats, backend="triton",
-                block_size=None, objective="sigmoid", bias=PerPair("bias", b, None, (num_pairs,)),
+                block_size=None, objective="sigmoid", bias=per_pair("bias", known_b, bias),
                 shard=distributed.shard_from_op_arguments(sizes, rank, group))
 
 
@@ -42,9 +44,10 @@ def _positives(call: Call, staged: launch.Staged, n: int):
     r0, r1 = call.rows(n)
     labels = group_labels(call.ids)
     xs, s_part, count = _normalized(staged), [], []
+    scales = inverse_temperatures(call)
     for k, (p, q) in enumerate(call.pairs):
         groups = Groups.of(labels, call.mask, (p, q), 0.0, xs[p], mean=False)
-        s_part.append(target_terms(xs[p], xs[q], groups, 1.0 / call.temperature.values[k], r0, r1, both=False))
+        s_part.append(target_terms(xs[p], xs[q], groups, scales[k], r0, r1, both=False))
         count.append(groups.sizes[r0:r1])
     return torch.stack(s_part), torch.stack(count)
 
@@ -80,7 +83,9 @@ def pairwise_sigmoid_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, know
             target = s_part + b[:, None] * count
             s_sums, positives = epilogue.valid_row_sums(call, n, s_part), epilogue.valid_row_sums(call, n, count)
         done = epilogue.finish(call, n, rowsum, torch.zeros_like(rowsum), target, hits, directions=1)
-    return done.loss, done.pair_losses, done.accuracy, staged.rnorm, done.coef, s_sums, positives
+        loss, pair_losses = nan_unless_valid([("temperature", None if known_t else temperature),
+                                              ("bias", None if known_b else bias)], done.loss, done.pair_losses)
+    return loss, pair_losses, done.accuracy, staged.rnorm, done.coef, s_sums, positives
 
 
 @pairwise_sigmoid_fwd.register_fake

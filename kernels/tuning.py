@@ -97,12 +97,14 @@ def _prune(configs, nargs, **_):
 
 
 fwd_tuned = triton.autotune(
-    FWD_CONFIGS, key=["N_BUCKET", "D_BUCKET", "HAS_MASK", "BOUNDED", "ATOMIC_COLS", "STATS", "SIGMOID"],
+    FWD_CONFIGS, key=["N_BUCKET", "D_BUCKET", "HAS_MASK", "BOUNDED", "BOUND_ON_DEVICE", "ATOMIC_COLS", "STATS",
+                      "SIGMOID"],
     prune_configs_by={"early_config_prune": _prune},
     reset_to_zero=["colsum_ptr"],  # the atomic column sums accumulate: zeroed before each timed run
 )(fwd_kernel)
 panel_tuned = triton.autotune(
-    PANEL_CONFIGS, key=["N_BUCKET", "D_BUCKET", "HAS_MASK", "BOUNDED", "NEEDS_DT", "IDENTITY", "SIGMOID", "NEEDS_DB"],
+    PANEL_CONFIGS, key=["N_BUCKET", "D_BUCKET", "HAS_MASK", "BOUNDED", "BOUND_ON_DEVICE", "NEEDS_DT", "IDENTITY",
+                        "SIGMOID", "NEEDS_DB"],
     prune_configs_by={"early_config_prune": _prune},
     reset_to_zero=["sgs_ptr", "sgb_ptr"],  # per-tile partials: a timed config with smaller tiles writes more
 )(grad_panel_kernel)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import assert_close, check_against_reference, device_for, make_embeddings, on, randn, small
 
-from fastpair import pairwise_nce
+from fastpair import pairwise_nce, pairwise_sigmoid
 from fastpair.reference import pairwise_nce_reference
 
 
@@ -39,6 +39,68 @@ def test_triton_atomic_and_deterministic_paths_agree(deterministic_algorithms, t
         out.append([loss.detach().clone()] + [z.grad.clone() for z in zs])
     for a, b in zip(*out):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [[0.05, 0.1, 0.2], [0.05, 0.1, 0.003]], ids=["bounded", "one-unbounded"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_triton_temperature_tensor_decides_its_bound_on_the_device(temperature, masked, monkeypatch, triton_only):
+    """A temperature tensor is never read on the host: the kernels take the fast path when a device flag
+    says every 1/t <= 60, the online two-direction statistics otherwise (return_stats off: the path the flag
+    decides). Loss and gradients match the float64 reference, and, bounded, the numeric temperature's path."""
+    from fastpair.kernels import launch
+
+    flags = []
+    forward = launch.forward
+
+    def spy(staged, *args, **kwargs):
+        swept = forward(staged, *args, **kwargs)
+        flags.append((swept.on_device, None if staged.flag is None else int(staged.flag)))
+        return swept
+
+    monkeypatch.setattr(launch, "forward", spy)
+    n = small(48, "triton")
+    zs = on(make_embeddings(3, n, 12, seed=23), "triton")
+    mask = (torch.rand(3, n, generator=torch.Generator().manual_seed(4)) > 0.25).to(zs[0].device) if masked else None
+    t = torch.tensor(temperature, device=zs[0].device, requires_grad=True)
+    loss = pairwise_nce(*zs, temperature=t, mask=mask, backend="triton")
+    loss.backward()
+    assert flags == [(True, int(max(1.0 / v for v in temperature) <= 60))]
+    refs = [z.detach().cpu().double().requires_grad_() for z in zs]
+    t_ref = torch.tensor(temperature, dtype=torch.float64, requires_grad=True)
+    expected = pairwise_nce_reference(*refs, temperature=t_ref, mask=None if mask is None else mask.cpu())
+    expected.backward()
+    scale = 0.01 / min(temperature) if min(temperature) < 0.01 else 1.0
+    assert_close(loss, expected, scale=scale, name="loss")
+    for k, (z, r) in enumerate(zip(zs, refs)):
+        assert_close(z.grad, r.grad, scale=scale, name=f"grad of embedding {k}", magnitude=1.0 / (0.05 * n))
+    assert_close(t.grad, t_ref.grad, scale=scale, name="grad of the temperature")
+    if max(1.0 / v for v in temperature) <= 60:  # the host's bound gives the same fast path
+        numbers = [z.detach().requires_grad_() for z in zs]
+        same = pairwise_nce(*numbers, temperature=temperature, mask=mask, backend="triton")
+        same.backward()
+        torch.testing.assert_close(loss, same, rtol=1e-6, atol=1e-7)
+        for z, w in zip(zs, numbers):
+            torch.testing.assert_close(z.grad, w.grad, rtol=1e-5, atol=1e-7)
+        assert flags[1:] == [(False, None)]  # numbers: the host decides, one direction per pair
+
+
+@pytest.mark.parametrize("objective,params", [
+    ("nce", {"temperature": torch.tensor(-0.1)}), ("nce", {"temperature": torch.tensor([0.1, 0.0, 0.1])}),
+    ("nce", {"temperature": torch.tensor(float("inf"))}),
+    ("sigmoid", {"temperature": torch.tensor(-1.0), "bias": -10.0}),
+    ("sigmoid", {"temperature": 0.1, "bias": torch.tensor([0.0, float("inf"), 1.0])}),
+])
+def test_triton_invalid_parameter_tensor_gives_nan(objective, params, triton_only):
+    """Numbers are checked on the host (ValueError); a tensor's values are not read there (a sync), so the
+    Triton backend answers an invalid one with a NaN loss and NaN per-pair losses."""
+    fn = pairwise_nce if objective == "nce" else pairwise_sigmoid
+    zs = on(make_embeddings(3, 16, 8, seed=24), "triton")
+    params = {key: v.to(zs[0].device) if isinstance(v, torch.Tensor) else v for key, v in params.items()}
+    loss, stats = fn(*zs, **params, backend="triton", return_stats=True)
+    assert torch.isnan(loss) and torch.isnan(stats["pair_losses"]).all()
+    valid = {key: (0.1 if key == "temperature" else -10.0) if isinstance(v, torch.Tensor) else v
+             for key, v in params.items()}
+    assert torch.isfinite(fn(*zs, **valid, backend="triton"))
 
 
 @pytest.mark.parametrize("targets", ["identity", "ids-smoothing-anchor"])
