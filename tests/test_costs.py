@@ -1,0 +1,184 @@
+"""Cost budgets (docs/design.md): one forward + backward of M = 3 modalities, counted by tests/costs.py, held
+to written budgets, so that a host-overhead or memory regression fails here instead of on the next GPU.
+
+- Triton launches, exactly: 1 forward, 1 per pair and row panel of the backward, 1 input gradient.
+- Other tensor ops: at most the count measured when the budget was written (2026-11-27, torch 2.13 CPU,
+  Triton 3.9 interpreter) plus about 10%.
+- Host reads of tensor values (a device sync on a GPU): none on the Triton backend, with numbers or with
+  tensors for the temperature and the bias; the torch backend, the CPU path, reads a parameter tensor's
+  values once (free on a CPU: it picks the exact variant and checks them).
+- Peak bytes alive beyond the inputs and the gradients: a formula per backend in the sizes.
+The "large" Triton case caps the backward's workspace at 32 rows (launch.PANEL_BYTES) so that the
+interpreter runs the several-panel loop of a large N at N = 128 (4 panels per pair).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from costs import measure
+from helpers import device_for, triton_runs
+
+from fastpair import PairwiseNCE, pairwise_nce, pairwise_sigmoid
+from fastpair._torch_backend import default_block
+
+M, D = 3, 32
+P = M * (M - 1) // 2
+
+# (objective, backend, N, parameters) -> the most aten ops one forward + backward may take
+OPS = {
+    ("nce", "torch", 64, "numbers"): 276, ("nce", "torch", 64, "tensors"): 310,
+    ("nce", "torch", 2048, "numbers"): 580, ("nce", "torch", 2048, "tensors"): 686,
+    ("nce", "triton", 64, "numbers"): 111, ("nce", "triton", 64, "tensors"): 168,
+    ("nce", "triton", 128, "numbers"): 227, ("nce", "triton", 128, "tensors"): 343,
+    ("sigmoid", "torch", 64, "numbers"): 267, ("sigmoid", "torch", 64, "tensors"): 319,
+    ("sigmoid", "torch", 2048, "numbers"): 548, ("sigmoid", "torch", 2048, "tensors"): 682,
+    ("sigmoid", "triton", 64, "numbers"): 110, ("sigmoid", "triton", 64, "tensors"): 178,
+    ("sigmoid", "triton", 128, "numbers"): 226, ("sigmoid", "triton", 128, "tensors"): 413,
+}
+PANEL_ROWS = {64: None, 128: 32}  # the Triton backward's rows per panel (None: one panel per pair)
+
+
+def _step(objective, backend, n, parameters):
+    """A forward + backward closure on fresh inputs, and the inputs."""
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(n)
+    zs = [torch.randn(n, D, generator=g).to(device).requires_grad_() for _ in range(M)]
+    tensors = parameters == "tensors"
+    kw = {"temperature": torch.tensor(0.07, device=device, requires_grad=True) if tensors else 0.07}
+    if objective == "sigmoid":
+        kw["bias"] = torch.tensor(-10.0, device=device, requires_grad=True) if tensors else -10.0
+    fn = pairwise_nce if objective == "nce" else pairwise_sigmoid
+
+    def step():
+        for z in zs:
+            z.grad = None
+        loss = fn(*zs, backend=backend, **kw)
+        loss.backward()
+        return loss
+
+    return step, zs, kw
+
+
+def _panel_height(n, elem):
+    """Rows per backward panel, as the launcher picks them (a multiple of every candidate tile height)."""
+    from fastpair.kernels import launch
+
+    return launch._panel_shape(n, n, elem, None, None)[0]
+
+
+def _extra_budget(backend, n, elem):
+    """Bytes a call may hold beyond its inputs and gradients, at most at once.
+    torch: the normalized inputs, the fp32 gradient being accumulated and the normalization backward's
+    temporaries (3 x M N D fp32), two logit blocks of rows x N, and O(N) statistics.
+    Triton: the stacked inputs (M N D, input dtype), the fp32 gradient accumulator (M N D), one row panel of
+    W (rows x N, input dtype), and O(N) statistics (28 to 36 fp32 vectors of N measured; 48 allowed)."""
+    if backend == "torch":
+        return 3 * M * n * D * 4 + 2 * min(default_block(n), n) * n * 4 + 64 * n * 4
+    return M * n * D * elem + M * n * D * 4 + _panel_height(n, elem) * n * elem + 48 * n * 4
+
+
+CASES = [(objective, backend, n, parameters)
+         for objective in ("nce", "sigmoid")
+         for backend, sizes in (("torch", (64, 2048)), ("triton", (64, 128)))
+         for n in sizes for parameters in ("numbers", "tensors")]
+
+
+@pytest.mark.parametrize("objective,backend,n,parameters", CASES)
+def test_costs_within_budget(objective, backend, n, parameters, monkeypatch):
+    if backend == "triton":
+        if not triton_runs():
+            pytest.skip("Triton is not available here")
+        from fastpair.kernels import launch
+
+        if PANEL_ROWS[n]:
+            monkeypatch.setattr(launch, "PANEL_BYTES", PANEL_ROWS[n] * n * 4)
+    step, zs, kw = _step(objective, backend, n, parameters)
+    step()  # the first call compiles and fills caches: one-time costs
+    costs, _ = measure(step)
+    launches = 0 if backend == "torch" else 1 + P * -(-n // _panel_height(n, zs[0].element_size())) + 1
+    assert costs.launches == launches, costs
+    assert costs.ops <= OPS[objective, backend, n, parameters], costs
+    tensors = sum(isinstance(v, torch.Tensor) for v in kw.values())
+    reads = tensors if backend == "torch" else 0
+    assert len(costs.reads) == reads, costs.reads
+    grads = {z.grad.untyped_storage().data_ptr(): z.grad.untyped_storage().nbytes() for z in zs}
+    extra = costs.peak_bytes - sum(grads.values())
+    assert extra <= _extra_budget(backend, n, zs[0].element_size()), (extra, costs)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_module_step_reads_no_device_value_on_triton(backend):
+    """PairwiseNCE's learnable temperature, the common training case: no host read on the Triton backend;
+    the torch backend reads it once (its CPU path)."""
+    if backend == "triton" and not triton_runs():
+        pytest.skip("Triton is not available here")
+    device = device_for(backend)
+    module = PairwiseNCE(M, backend=backend).to(device)
+    zs = [torch.randn(64, D, device=device, requires_grad=True) for _ in range(M)]
+
+    def step():
+        module(*zs).backward()
+
+    step()
+    costs, _ = measure(step)
+    assert len(costs.reads) == (1 if backend == "torch" else 0), costs.reads
+    assert module.log_temperature.grad is not None
+
+
+# The counter itself: each kind of cost it claims to see, seen.
+
+def test_counter_sees_every_kind_of_host_read():
+    x, y = torch.tensor([2.5]), torch.tensor([2.5])
+    costs, _ = measure(lambda: (x.item(), x.tolist(), bool(x > 0), float(x), int(x), x.numpy(), torch.equal(x, y)))
+    assert len(costs.reads) == 7, costs.reads
+
+
+def test_counter_tracks_peak_and_live_bytes():
+    def fn():
+        a = torch.empty(2**18)  # 1 MiB, dropped before the next
+        del a
+        return torch.empty(2**17)  # 0.5 MiB, returned
+
+    costs, _ = measure(fn)
+    assert (costs.peak_bytes, costs.live_bytes) == (2**20, 2**19)
+    assert costs.ops == 2
+
+
+@torch.library.custom_op("fastpair_costs_test::reads_inside", mutates_args=())
+def _reads_inside(x: torch.Tensor) -> torch.Tensor:
+    scratch = torch.empty(2**18)  # 1 MiB of workspace inside the op
+    scratch.fill_(float(x.sum()))  # a host read inside the op
+    return x * scratch[0]
+
+
+@_reads_inside.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_counter_sees_inside_custom_ops():
+    costs, _ = measure(lambda: _reads_inside(torch.ones(4)))
+    assert costs.custom_ops == ["fastpair_costs_test::reads_inside"]
+    assert len(costs.reads) == 1 and costs.peak_bytes >= 2**20, costs
+    assert costs.ops >= 4  # ones, empty, sum, fill_, mul (and their item) seen from inside
+
+
+def test_counter_counts_triton_launches_alone(triton_only):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add_one(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1.0, mask=offs < n)
+
+    x = torch.zeros(8, device=device_for("triton"))
+
+    def fn():
+        for _ in range(3):
+            add_one[(1,)](x, 8, BLOCK=8)
+
+    costs, _ = measure(fn)
+    assert costs.launches == 3 and costs.ops == 0 and not costs.reads, costs
+    assert torch.equal(x.cpu(), torch.full((8,), 3.0))
