@@ -122,7 +122,9 @@ def _compare(rank, backend, dtype, deterministic, objective="nce"):
     for seed, (name, sizes, m, d, kwargs) in enumerate(cases):
         if dtype == torch.float64 and backend == "triton":
             continue
-        zs, kw = _inputs(sizes, m, d, kwargs, seed, dtype, "cpu")
+        # Triton on a GPU machine: both ranks on the one GPU, CUDA tensors over gloo (NCCL needs a GPU per rank)
+        device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+        zs, kw = _inputs(sizes, m, d, kwargs, seed, dtype, device)
         t = kw.get("temperature")
         learn = isinstance(t, torch.Tensor)
 
@@ -171,8 +173,9 @@ def _interpreter() -> bool:
     return triton_runs() and interpreter()
 
 
-# In Triton's interpreter on CPU tensors: on a one-GPU machine two ranks cannot each have a GPU (NCCL).
-@pytest.mark.skipif(not _interpreter(), reason="runs the Triton kernels in Triton's interpreter (TRITON_INTERPRET=1)")
+# In Triton's interpreter on CPU tensors, or with CUDA tensors on one GPU shared by both gloo ranks.
+@pytest.mark.skipif(not (_interpreter() or (triton_runs() and torch.cuda.is_available())),
+                    reason="needs Triton: a CUDA device, or its interpreter (TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("objective", ["nce", "sigmoid"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast-path", "deterministic"])
 def test_triton_backend_matches_single_process(deterministic, objective):
