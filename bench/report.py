@@ -192,6 +192,25 @@ def provider_tables(rows: list[dict], dtype: str, d: int, ms_spec: str) -> list[
     return lines + [""]
 
 
+def latency_table(rows: list[dict], ms_spec: str) -> list[str]:
+    """At the latency-bound sizes: each provider's step timed alone (do_bench), in an eager back-to-back loop
+    and as a CUDA-graph replay (bench/timing.py); why a step could not be captured, below."""
+    rows = [r for r in rows if "loop_ms" in r]
+    if not rows:
+        return []
+    lines = ["### The step at small N: alone, in an eager loop, as a CUDA graph (ms)", "",
+             "| dtype | D | N | provider | alone | eager loop | CUDA graph |", "|---|---:|---:|---|---:|---:|---:|"]
+    errors = {}
+    for r in rows:
+        graph = _fmt(r["graph_ms"], ms_spec) if "graph_ms" in r else "not capturable"
+        if "graph_error" in r:
+            errors.setdefault(r["provider"], r["graph_error"])
+        lines.append(f"| {r['dtype']} | {r['d']} | {r['n']} | {r['provider']} | {_fmt(r['full_ms'], ms_spec)} "
+                     f"| {_fmt(r['loop_ms'], ms_spec)} | {graph} |")
+    lines += ["", *[f"- {p} not capturable: {e}" for p, e in errors.items()]] if errors else []
+    return lines + [""]
+
+
 def largest_line(r: dict) -> str:
     text = f"N = 2^20, D = {r['d']}, bf16, {r['provider']}: {r['largest']}"
     if r["largest"] == "fits":
@@ -215,6 +234,7 @@ def markdown(result: dict) -> str:
     if names - {FLOOR, *(p for h in headlines for p in (h[0], *h[1]))}:
         for dtype, d in dict.fromkeys((r["dtype"], r["d"]) for r in rows):
             lines += provider_tables(rows, dtype, d, FORMAT[kind]["ms"])
+    lines += latency_table(rows, ".3f")
     if result.get("goals"):
         lines += ["Goals (docs/design.md):", *result["goals"], ""]
     if result["skipped"]:

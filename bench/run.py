@@ -10,11 +10,12 @@ All providers of a shape run back to back, so the ratios of the report come from
 - CPU: float32, N in (1024, 4096, 16384) x D in (128, 512) (--quick: N=1024), the open_clip peers to 4096.
   Per provider, peak memory first (a fresh process), then the timing: median of rounds after warm-up calls,
   schedule cpu_rounds.
-- CUDA: bf16 at D=512 for N=1024 ... 65536 and at D=128 and D=1024 for N=4096 and 32768, fp32 at D=512
+- CUDA: bf16 at D=512 for N=256 ... 65536 and at D=128 and D=1024 for N=4096 and 32768, fp32 at D=512
   for N=4096 and 32768 (--quick: bf16, D=512, N=4096 and 32768); then, unless --quick, --n or --d, one step of
   fastpair-triton at N=2^20, D=512, bf16 (fits? time, memory). Per provider a warm-up step (compilation,
   autotuning), peak memory of one step, then do_bench medians of the full step, and for fastpair-triton(-det)
-  and plain-pytorch of forward and backward too. Running out of memory or failing (a peer's own limits)
+  and plain-pytorch of forward and backward too; at N <= 4096 also an eager back-to-back loop and the replay
+  of a CUDA-graph capture (bench/timing.py). Running out of memory or failing (a peer's own limits)
   is recorded under "failed", and that provider is not run at larger N of the same D and dtype.
   fastpair-torch stops after N=16384: it is the CPU backend, its GPU cost is clear by then. Once
   --budget-s is spent the run stops before the next shape. The tiles the autotuner chose are recorded.
@@ -39,14 +40,15 @@ import torch
 
 import fastpair
 from bench import memory, providers, report
-from bench.timing import deterministic, time_cpu, time_cuda
+from bench.timing import deterministic, time_cpu, time_cuda, time_cuda_graph, time_cuda_loop
 
 CPU_NS, CPU_DS = (1024, 4096, 16384), (128, 512)
 CUDA_PLAN = {  # dtype -> D -> N, in run order
-    "bfloat16": {512: [1024, 4096, 16384, 32768, 65536], 128: [4096, 32768], 1024: [4096, 32768]},
+    "bfloat16": {512: [256, 1024, 4096, 16384, 32768, 65536], 128: [4096, 32768], 1024: [4096, 32768]},
     "float32": {512: [4096, 32768]},
 }
 CUDA_QUICK = {"bfloat16": {512: [4096, 32768]}}
+LATENCY_N = 4096  # at or below: the eager-loop and CUDA-graph views of the step too (bench/timing.py)
 CUDA_ALL_MODES = ("fastpair-triton", "fastpair-triton-det", "plain-pytorch")  # forward and backward too
 PEERS_X3 = ("open_clip-x3", "open_clip-siglip-x3")
 MATERIALIZED = ("plain-pytorch", "torch-compile", "plain-sigmoid", "compile-sigmoid") + PEERS_X3  # N x N per pair
@@ -101,8 +103,21 @@ def _cuda_row(provider, n: int, d: int, dtype) -> dict:
         step()  # compilation and autotuning, outside the measurements
         peak = memory.cuda_peak_mib(step)
         row = time_cuda(provider, zs, modes)
+        if n <= LATENCY_N:
+            row.update(_latency_views(step))
     inputs_grads = 2 * sum(z.numel() * z.element_size() for z in zs) / 2**20
     return dict(row, peak_mib=peak, inputs_grads_mib=inputs_grads)
+
+
+def _latency_views(step) -> dict:
+    """loop_ms and graph_ms (or graph_error: why the step could not be captured)."""
+    out = {"loop_ms": time_cuda_loop(step)}
+    try:
+        out["graph_ms"] = time_cuda_graph(step)
+    except Exception as err:  # noqa: BLE001 - a host sync or CPU tensor in the step: recorded, not fatal
+        torch.cuda.synchronize()
+        out["graph_error"] = f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
+    return out
 
 
 def attempt(device: str, provider, n: int, d: int, dtype: str) -> tuple[dict | None, str | None]:

@@ -4,7 +4,11 @@ CPU: `warmup` untimed calls, then `rounds` calls each timed with time.perf_count
 left on); the median is reported with the interquartile range, whose quartiles are computed as
 pytest-benchmark computed them (the CPU benchmark's harness until 2026-11), so older IQRs compare.
 CUDA: the median of triton.testing.do_bench (which synchronizes and clears the L2 cache between calls)
-for each mode asked: full (forward + backward), forward, backward (of one retained graph).
+for each mode asked: full (forward + backward), forward, backward (of one retained graph). For the
+latency-bound sizes two more views of the full step: a back-to-back eager loop synchronized once at the
+end (what a training loop sees: host work and launches included, warm L2), and the replay of the step
+captured as a CUDA graph (host work and launch gaps gone; impossible where the step syncs or touches CPU
+tensors, which the run records).
 """
 
 from __future__ import annotations
@@ -55,6 +59,40 @@ def time_cuda(provider, zs, modes, warmup: int = 5, rep: int = 40) -> dict:
         out["backward_ms"] = do_bench(lambda: loss.backward(retain_graph=True), warmup=warmup, rep=rep,
                                       grad_to_none=zs, return_mode="median")
     return out
+
+
+def time_cuda_loop(step, iters: int = 30) -> float:
+    """ms per step of `iters` steps run back to back, one synchronization at the end."""
+    step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / iters
+
+
+def time_cuda_graph(step, iters: int = 30) -> float:
+    """ms per replay of one step captured as a CUDA graph (warmed up on a side stream first, as PyTorch's
+    whole-network capture does). Raises where the step cannot be captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        graph.replay()
+    torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) * 1e3 / iters
+    del graph
+    return elapsed
 
 
 @contextlib.contextmanager
