@@ -55,7 +55,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check fastpair kernels training bench tests
 
 # On a CUDA machine, with the Python that holds its CUDA build of torch (no venv, no downloads): the whole
-# test suite (Triton tests run on the GPU there), then the GPU benchmark into bench/results/.
+# test suite (Triton tests run on the GPU there), then the GPU benchmark into bench/results/. The benchmark
+# runs even when a test fails (a GPU session is short: its figures must not be lost to one failure); the
+# target then exits with the tests' status.
 # The suite runs on 8 pytest-xdist workers when that machine has xdist: the last serial GPU run took
 # 7 min 40 s, most of it (probably) Triton compiling kernel variants, which parallelizes.
 GPU_PYTHON ?= python3
@@ -63,8 +65,8 @@ GPU_BENCH_ARGS ?=
 GPU_TEST_ARGS ?= $(shell $(GPU_PYTHON) -c "import xdist" 2>/dev/null && echo "-n 8")
 gpu-check:
 	$(GPU_PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
-	$(GPU_PYTHON) -m pytest tests -q -p no:cacheprovider $(GPU_TEST_ARGS)
-	$(GPU_PYTHON) -m bench.run --device cuda $(GPU_BENCH_ARGS)
+	$(GPU_PYTHON) -m pytest tests -q -p no:cacheprovider $(GPU_TEST_ARGS); status=$$?; \
+	$(GPU_PYTHON) -m bench.run --device cuda $(GPU_BENCH_ARGS) || exit $$?; exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .benchmarks build dist *.egg-info
