@@ -35,8 +35,11 @@ def pairwise_nce(
     Args:
         *embeddings: M >= 2 tensors of shape (N, D), one per modality (e.g. text, audio, vision), same
             N, D, dtype (float32, float16, bfloat16 or float64) and device; any strides.
-        temperature: float, 0-d tensor, or 1-d tensor with one entry per pair (P pairs). A tensor
-            that requires grad receives dL/dt (learnable shared or per-pair temperature).
+        temperature: float, 0-d tensor, or 1-d tensor with one entry per pair (P pairs), finite and > 0. A
+            tensor that requires grad receives dL/dt (learnable shared or per-pair temperature). Numbers
+            are checked here (ValueError); a tensor's values are read on the host only by the torch
+            backend, which checks them too: the Triton path never reads them (that would sync with the
+            GPU every step) and returns a NaN loss for invalid ones.
         weights: optional sequence (or 1-d tensor) of P non-negative numbers, not all zero.
         mask: optional bool tensor (M, N); ``mask[m, i] = False`` marks modality m of sample i as missing:
             it takes part in no pair and gets a zero gradient.
@@ -99,6 +102,7 @@ def pairwise_sigmoid(
 
         bias: float, 0-d tensor, or 1-d tensor with one entry per pair: b, finite. A tensor that requires
             grad receives dL/db (learnable, shared or per pair). SigLIP initializes t = 0.1, b = -10.
+            Checked as the temperature is (a NaN loss on the Triton path for an invalid tensor).
 
     For pair (p, q) over its valid samples V (n = |V|), with x, y the normalized z_p, z_q,
     S_ij = <x_i, y_j> / t_pq and z_ij = +1 where ids_i == ids_j (by default i == j), -1 elsewhere:
