@@ -99,7 +99,7 @@ def forward(staged: Staged, bounded: bool, stats: bool, deterministic: bool, row
     unless statistics, unbounded logits or torch.use_deterministic_algorithms ask for the atomic-free
     two-direction sweep. With staged.flag (a temperature tensor) the fast path is taken where the flag
     says so on the device: both directions are launched, and Swept holds both kinds of column statistics
-    (`column_statistics` picks). The sigmoid objective (staged.bias) needs no column statistics: one
+    (ops._statistics picks with the flag). The sigmoid objective (staged.bias) needs no column statistics: one
     direction per pair, both only for the column argmax of statistics."""
     z, pairs = staged.z, staged.pairs
     _, n, d = z.shape
@@ -172,9 +172,13 @@ def backward(staged: Staged, lse: torch.Tensor, coef: torch.Tensor, bounded: boo
     height, min_m, min_n = _panel_shape(n, last - first, z.element_size(), cfg, panel_rows)
     w = torch.empty(height, n, dtype=z.dtype, device=device)
     dxw = torch.zeros(m, n, d, dtype=torch.float32, device=device)
-    sgs, sgb = (torch.zeros(len(pairs), dtype=torch.float32, device=device) for _ in range(2))
     tiles_max = triton.cdiv(height, min_m) * triton.cdiv(n, min_n)
-    part, part_b = (torch.zeros(tiles_max, dtype=torch.float32, device=device) for _ in range(2))
+
+    def buffer(size: int, needed: bool) -> torch.Tensor:  # an unneeded one is a pointer never read: no fill
+        return torch.zeros(size, dtype=torch.float32, device=device) if needed else dxw
+
+    sgs, part = buffer(len(pairs), needs_dt), buffer(tiles_max, needs_dt)
+    sgb, part_b = buffer(len(pairs), needs_db), buffer(tiles_max, needs_db)
     pair_table = constant(pairs, torch.int32, str(device))
     kernel, tiles = (tuning.panel_tuned, {}) if cfg is None else (grad_panel_kernel, cfg)
     for k, (p, q) in enumerate(pairs):

@@ -218,7 +218,7 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
                      rank: int, pairs: list[int], ids: torch.Tensor | None, label_smoothing: float,
                      target_sums: torch.Tensor,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns dL/dz stacked (M, N, D) in the input dtype and dL/dt (P,) (zeros when not needed).
+    """Returns dL/dz stacked (M, N, D) in the input dtype and dL/dt (P,) (unset when not needed: discarded).
     bounded: from numeric temperatures (host); flag: the forward's device flag for a temperature tensor
     (None otherwise). With a process group, the gradient of this rank's share of the loss w.r.t. the
     gathered batch (no communication here: the gather's backward sums the ranks' gradients)."""
@@ -236,7 +236,7 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
         if needs_dt:  # dL/dt = -(1/t) sum G S, S = S2 ln 2; the targets' part: the loss holds -c A, A ~ 1/t
             dt = -(LN2 * scale) * sgs + (c * target_sums * scale if not identity else 0.0)
         else:
-            dt = torch.zeros(len(pairs) // 2, dtype=torch.float32, device=zs[0].device)
+            dt = torch.empty(len(pairs) // 2, dtype=torch.float32, device=zs[0].device)
     return grads, dt
 
 
@@ -268,6 +268,7 @@ def _setup_context(ctx, inputs, output):
     _, pair_losses, accuracy, lse, rnorm, coef, sums, flag = output
     ids_saved = ids if ids is not None else torch.empty(0, dtype=torch.int64)
     ctx.save_for_backward(temperature, lse, rnorm, coef, sums, flag, ids_saved, *zs)
+    ctx.set_materialize_grads(False)  # the other outputs take no gradient: no zero tensors made for them
     ctx.state = _State(mask, normalize, temperature.requires_grad, sizes, rank, known_t, pairs, ids is not None, eps)
     ctx.mark_non_differentiable(pair_losses, accuracy, lse, rnorm, coef, sums, flag)
 
@@ -275,17 +276,23 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_unused):
     temperature, lse, rnorm, coef, sums, flag, ids, *zs = ctx.saved_tensors
     state: _State = ctx.state
+    if grad_loss is None:  # no gradient reached the loss (grads are not materialized: see _setup_context)
+        return _input_grads(state, [None] * len(zs), None)
     known = state.known_t  # numbers: the bound is the host's; a tensor: the forward's device flag
     bounded = _host_bounded(known, state.normalize)
     grads, dt = pairwise_nce_bwd(grad_loss, zs, temperature, state.mask, lse, rnorm, coef, bounded,
                                  None if known or not state.normalize else flag, state.normalize, state.needs_dt,
                                  state.sizes, state.rank, state.pairs, ids if state.has_ids else None,
                                  state.label_smoothing, sums)
-    # torch.library matches the gradient structure to the inputs' pytree, where an empty list stays a list
+    return _input_grads(state, list(grads.unbind(0)), dt if state.needs_dt else None)
+
+
+def _input_grads(state: _State, zs_grads: list, dt) -> tuple:
+    """The forward op's inputs' gradients. torch.library matches their structure to the inputs' pytree, where
+    an empty list stays a list."""
     known_grad = [] if not state.known_t else None
     sizes_grad = [] if not state.sizes else None
-    return (list(grads.unbind(0)), (dt if state.needs_dt else None), known_grad, None, None, None, None,
-            sizes_grad, None, None, None, None, None)
+    return zs_grads, dt, known_grad, None, None, None, None, sizes_grad, None, None, None, None, None
 
 
 pairwise_nce_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -104,8 +104,8 @@ def pairwise_sigmoid_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature
                          needs_dt: bool, needs_db: bool, sizes: list[int], rank: int, pairs: list[int],
                          ids: torch.Tensor | None, s_sums: torch.Tensor, positives: torch.Tensor,
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dL/dz stacked (M, N, D) in the input dtype, dL/dt (P,) and dL/db (P,) (zeros when not
-    needed). With a process group, the gradient of this rank's share w.r.t. the gathered batch."""
+    """Returns dL/dz stacked (M, N, D) in the input dtype, dL/dt (P,) and dL/db (P,) (unset when not
+    needed: discarded). With a process group, the gradient of this rank's share w.r.t. the gathered batch."""
     n = zs[0].shape[0]
     r0, rows = distributed.rows_from_op_arguments(sizes, rank, n)
     num_pairs = len(pairs) // 2
@@ -116,15 +116,17 @@ def pairwise_sigmoid_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature
         dxw, sgs, sgb = launch.backward(staged, staged.rnorm, c, False, needs_dt, ids is None, row0=r0, rows=rows,
                                         needs_db=needs_db)
         scale = 1.0 / temperature.float()
-        dt, db = (torch.zeros(num_pairs, dtype=torch.float32, device=zs[0].device) for _ in range(2))
+        dt, db = (torch.empty(num_pairs, dtype=torch.float32, device=zs[0].device) for _ in range(2))
         if needs_dt:  # dL/dt = -(1/t) sum G S, S = S2 ln 2
             dt = -(LN2 * scale) * sgs
         if needs_db:  # dL/db = sum G
             db = sgb
         if ids is not None:  # the positives' part of G, -c [j in P(i)]
             _add_positive_grads(staged, mask, ids, c, scale, dxw, r0, r0 + rows)
-            dt = dt + c * s_sums * scale  # the loss holds -c sum_pos S, and S is proportional to 1/t
-            db = db - c * positives
+            if needs_dt:
+                dt = dt + c * s_sums * scale  # the loss holds -c sum_pos S, and S is proportional to 1/t
+            if needs_db:
+                db = db - c * positives
         grads = launch.input_grads(dxw, staged, normalize)
     return grads, dt, db
 
@@ -170,6 +172,7 @@ def _setup_context(ctx, inputs, output):
     _, pair_losses, accuracy, rnorm, coef, s_sums, positives = output
     ids_saved = ids if ids is not None else torch.empty(0, dtype=torch.int64)
     ctx.save_for_backward(temperature, bias, rnorm, coef, s_sums, positives, ids_saved, *zs)
+    ctx.set_materialize_grads(False)  # the other outputs take no gradient: no zero tensors made for them
     ctx.state = _State(mask, normalize, temperature.requires_grad, bias.requires_grad, sizes, rank, known_t, known_b,
                        pairs, ids is not None)
     ctx.mark_non_differentiable(pair_losses, accuracy, rnorm, coef, s_sums, positives)
@@ -178,13 +181,20 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_unused):
     temperature, bias, rnorm, coef, s_sums, positives, ids, *zs = ctx.saved_tensors
     st: _State = ctx.state
+    if grad_loss is None:  # no gradient reached the loss (grads are not materialized: see _setup_context)
+        return _input_grads(st, [None] * len(zs), None, None)
     grads, dt, db = pairwise_sigmoid_bwd(grad_loss, zs, temperature, bias, st.mask, rnorm, coef, st.normalize,
                                          st.needs_dt, st.needs_db, st.sizes, st.rank, st.pairs,
                                          ids if st.has_ids else None, s_sums, positives)
-    # torch.library matches the gradient structure to the inputs' pytree, where an empty list stays a list
+    return _input_grads(st, list(grads.unbind(0)), dt if st.needs_dt else None, db if st.needs_db else None)
+
+
+def _input_grads(st: _State, zs_grads: list, dt, db) -> tuple:
+    """The forward op's inputs' gradients. torch.library matches their structure to the inputs' pytree, where
+    an empty list stays a list."""
     empty = lambda values: [] if not values else None  # noqa: E731
-    return (list(grads.unbind(0)), dt if st.needs_dt else None, empty(st.known_t), db if st.needs_db else None,
-            empty(st.known_b), None, None, None, None, empty(st.sizes), None, None, None, None)
+    return (zs_grads, dt, empty(st.known_t), db, empty(st.known_b), None, None, None, None, empty(st.sizes), None,
+            None, None, None)
 
 
 pairwise_sigmoid_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -75,13 +75,16 @@ class _Counter:
     def __init__(self):
         self.costs = Costs()
         self.tracked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.host_copies: weakref.WeakSet = weakref.WeakSet()  # storages a device-to-host copy made
         self.paused = 0  # > 0 inside a Triton launch
         self.dispatch = _Dispatch(self)
         self.function = _Function(self)
 
-    def read(self) -> None:
-        if not self.paused:
-            self.costs.reads.append(_site())
+    def read(self, tensor: torch.Tensor | None = None) -> None:
+        """One host read, unless it reads a host copy already counted (x.cpu().tolist() is one sync)."""
+        if self.paused or (tensor is not None and tensor.untyped_storage() in self.host_copies):
+            return
+        self.costs.reads.append(_site())
 
     def track(self, tensor: torch.Tensor) -> None:
         storage = tensor.untyped_storage()
@@ -116,13 +119,14 @@ class _Dispatch(TorchDispatchMode):
         if counter.paused:
             return func(*args, **kwargs)
         counter.costs.ops += 1
-        if name in READ_OPS:
-            counter.read()
         tensors_in = list(_tensors([args, kwargs]))
+        if name in READ_OPS:
+            counter.read(tensors_in[0])
         inputs = set() if name in LIFTS else {id(t.untyped_storage()) for t in tensors_in}
         out = func(*args, **kwargs)
         if _to_host(tensors_in, out):
             counter.read()
+            counter.host_copies.update(t.untyped_storage() for t in _tensors([out]))
         for t in _tensors([out]):
             if id(t.untyped_storage()) not in inputs:  # a view or an in-place result is not a new tensor
                 counter.track(t)
@@ -143,7 +147,7 @@ class _Function(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", "") in READ_METHODS:
-            self.counter.read()
+            self.counter.read(args[0])
         return func(*args, **(kwargs or {}))
 
 

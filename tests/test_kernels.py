@@ -103,6 +103,22 @@ def test_triton_invalid_parameter_tensor_gives_nan(objective, params, triton_onl
     assert torch.isfinite(fn(*zs, **valid, backend="triton"))
 
 
+@pytest.mark.parametrize("objective", ["nce", "sigmoid"])
+def test_undefined_loss_gradient_gives_no_gradient(objective, triton_only):
+    """The ops do not materialize zero gradients for their statistics' outputs (7 fills a step saved), so
+    their backward may receive none for the loss too (as gradcheck's undefined-gradient check sends):
+    then no input gets one, in the structure torch.library expects."""
+    fn = pairwise_nce if objective == "nce" else pairwise_sigmoid
+    zs = on(make_embeddings(3, 16, 8, seed=25), "triton")
+    t = torch.tensor(0.1, device=zs[0].device, requires_grad=True)
+    loss = fn(*zs, temperature=t, backend="triton")
+    undefined = torch._C._functions.UndefinedGrad()(loss)
+    grads = torch.autograd.grad(undefined, [*zs, t], allow_unused=True, materialize_grads=False, retain_graph=True)
+    assert all(g is None for g in grads)
+    loss.backward()
+    assert all(z.grad is not None and z.grad.abs().sum() > 0 for z in zs) and t.grad is not None
+
+
 @pytest.mark.parametrize("targets", ["identity", "ids-smoothing-anchor"])
 def test_custom_ops_pass_opcheck(targets, triton_only):
     """torch.library.opcheck: schema, fake (meta) implementations and autograd registration agree."""
