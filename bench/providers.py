@@ -96,6 +96,20 @@ def _fastpair(backend: str, ids: bool = False, label_smoothing: float = 0.0) -> 
     return loss
 
 
+def _learned_temperature() -> Callable:
+    """A temperature tensor that learns, as PairwiseNCE's: the Triton path decides its bound on the device
+    (both directions launched, half of them skipping their sweep when bounded) instead of on the host."""
+    temperatures = {}
+
+    def loss(zs):
+        device = zs[0].device
+        if device not in temperatures:
+            temperatures[device] = torch.tensor(TEMPERATURE, device=device, requires_grad=True)
+        return pairwise_nce(*zs, temperature=temperatures[device], backend="triton")
+
+    return loss
+
+
 @functools.lru_cache(maxsize=8)
 def _clip_ids(n: int, device) -> torch.Tensor:
     """Two crops of every clip: samples 2k and 2k + 1 share id k (made once per shape, as a data loader would)."""
@@ -197,6 +211,7 @@ _SPECS = [
     (FLOOR, BOTH, None, {}),
     ("fastpair-triton", CUDA, lambda: _fastpair("triton"), {}),
     ("fastpair-triton-det", CUDA, lambda: _fastpair("triton"), {"deterministic": True}),
+    ("fastpair-triton-learned-t", CUDA, _learned_temperature, {}),
     ("fastpair-triton-ids", CUDA, lambda: _fastpair("triton", ids=True), {}),
     ("fastpair-triton-smooth", CUDA, lambda: _fastpair("triton", label_smoothing=0.1), {}),
     ("fastpair-torch", BOTH, lambda: _fastpair("torch"), {}),

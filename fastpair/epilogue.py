@@ -51,26 +51,38 @@ def finish(call: Call, n: int, lse_row, lse_col, target, hits=None, unit: float 
     terms = lse_row + lse_col - target
     if unit != 1.0:
         terms = terms * unit
-    if call.mask is not None:
+    if call.mask is None:
+        counts = None
+        local, loss, coef = _unmasked(call, n, terms, directions)
+    else:
         valid = pair_valid(call.mask, call.pairs)
         terms = _valid_rows(call, n, terms, valid)
         counts = valid.sum(dim=1).to(dtype)
-    else:
-        counts = torch.full((len(call.pairs),), float(n), dtype=dtype, device=device)
-    local = terms.sum(dim=1) / (directions * counts.clamp_min(1.0))
-    weights = constant(call.weights, dtype, str(device)) * (counts > 0)
-    total = weights.sum().clamp_min(torch.finfo(dtype).tiny)
-    loss = call.world * (weights * local).sum() / total
-    coef = call.world * weights / (total * directions * counts.clamp_min(1.0))
+        local = terms.sum(dim=1) / (directions * counts.clamp_min(1.0))
+        weights = constant(call.weights, dtype, str(device)) * (counts > 0)
+        total = weights.sum().clamp_min(torch.finfo(dtype).tiny)
+        loss = call.world * (weights * local).sum() / total
+        coef = call.world * weights / (total * directions * counts.clamp_min(1.0))
 
-    accuracy = torch.zeros(len(call.pairs), 2, dtype=torch.float32, device=device)
-    pair_losses = local
-    if hits is not None:
-        sums = torch.cat([local[None], hits.to(dtype)])
-        if call.shard is not None:  # the whole batch's statistics
-            sums = distributed.all_reduce(call.shard, sums)
-        pair_losses, accuracy = sums[0], (sums[1:].T / counts.clamp_min(1.0)[:, None]).float()
-    return Finished(loss, pair_losses.detach().float(), accuracy, coef)
+    if hits is None:  # without return_stats the accuracy is never read: a placeholder, no fill
+        accuracy = torch.empty(len(call.pairs), 2, dtype=torch.float32, device=device)
+        return Finished(loss, local.detach().float(), accuracy, coef)
+    sums = torch.cat([local[None], hits.to(dtype)])
+    if call.shard is not None:  # the whole batch's statistics
+        sums = distributed.all_reduce(call.shard, sums)
+    per_row = float(max(n, 1)) if counts is None else counts.clamp_min(1.0)[:, None]
+    return Finished(loss, sums[0].detach().float(), (sums[1:].T / per_row).float(), coef)
+
+
+def _unmasked(call: Call, n: int, terms: torch.Tensor, directions: int):
+    """(local, loss, coef) without a mask: every n_k is the batch's N > 0, so w' = w and the weights'
+    factors are host numbers: a cached table (coef) and scalars, no kernels for them on the device."""
+    total = sum(call.weights)  # > 0: fastpair.call checks that not every weight is 0
+    dtype, device = terms.dtype, str(terms.device)
+    local = terms.sum(dim=1) / float(directions * n)
+    loss = (constant(tuple(call.world * w / total for w in call.weights), dtype, device) * local).sum()
+    coef = constant(tuple(call.world * w / (total * directions * n) for w in call.weights), dtype, device)
+    return local, loss, coef
 
 
 def valid_row_sums(call: Call, n: int, values: torch.Tensor) -> torch.Tensor:

@@ -172,36 +172,30 @@ def backward(staged: Staged, lse: torch.Tensor, coef: torch.Tensor, bounded: boo
     height, min_m, min_n = _panel_shape(n, last - first, z.element_size(), cfg, panel_rows)
     w = torch.empty(height, n, dtype=z.dtype, device=device)
     dxw = torch.zeros(m, n, d, dtype=torch.float32, device=device)
+    panels = triton.cdiv(last - first, height)
+    # one row of per-tile partial sums (of G S2 for dt, of G for db) per launch, zeroed once (a launch whose
+    # tiles came out larger writes fewer), summed per pair after the loop; an unneeded one is never read
     tiles_max = triton.cdiv(height, min_m) * triton.cdiv(n, min_n)
-
-    def buffer(size: int, needed: bool) -> torch.Tensor:  # an unneeded one is a pointer never read: no fill
-        return torch.zeros(size, dtype=torch.float32, device=device) if needed else dxw
-
-    sgs, part = buffer(len(pairs), needs_dt), buffer(tiles_max, needs_dt)
-    sgb, part_b = buffer(len(pairs), needs_db), buffer(tiles_max, needs_db)
+    part, part_b = (torch.zeros(len(pairs) * panels, tiles_max, dtype=torch.float32, device=device) if needed
+                    else None for needed in (needs_dt, needs_db))
     pair_table = constant(pairs, torch.int32, str(device))
     kernel, tiles = (tuning.panel_tuned, {}) if cfg is None else (grad_panel_kernel, cfg)
     for k, (p, q) in enumerate(pairs):
-        for start in range(first, last, height):
+        for i, start in enumerate(range(first, last, height)):
             r = min(height, last - start)
-            for needed, partials in ((needs_dt, part), (needs_db, part_b)):
-                if needed:
-                    partials.zero_()  # a launch writes one partial per tile: none may stay from a larger grid
+            sums = [dxw if t is None else t[k * panels + i] for t in (part, part_b)]  # dxw: a pointer, unread
             kernel[lambda meta, r=r: (triton.cdiv(r, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))](
                 z, staged.rnorm, staged.valid, staged.scale2, staged.bias_or_any, coef, lse, staged.flag_or_any, w,
-                part, part_b, pair_table, k, start, r, n, d, z.stride(0), z.stride(1), *tuning.buckets(n, d),
+                *sums, pair_table, k, start, r, n, d, z.stride(0), z.stride(1), *tuning.buckets(n, d),
                 HAS_MASK=staged.has_mask, BOUNDED=bounded and staged.flag is None and not staged.sigmoid,
                 BOUND_ON_DEVICE=staged.flag is not None and not staged.sigmoid, NEEDS_DT=needs_dt,
                 IDENTITY=identity, SIGMOID=staged.sigmoid, NEEDS_DB=needs_db,
                 INPUT_PRECISION=input_precision(staged.in_dtype), **tiles,
             )
-            if needs_dt:
-                sgs[k] += part.sum()
-            if needs_db:
-                sgb[k] += part_b.sum()
             _accumulate(dxw[p, start:start + r], w[:r], z[q])
             _accumulate(dxw[q], w[:r].T, z[p, start:start + r])
-    return dxw, (sgs if needs_dt else None), (sgb if needs_db else None)  # dL/dx * r: W carries r_p r_q
+    sgs, sgb = (None if t is None else t.view(len(pairs), -1).sum(dim=1) for t in (part, part_b))
+    return dxw, sgs, sgb  # dL/dx * r: W carries r_p r_q
 
 
 def input_grads(dxw: torch.Tensor, staged: Staged, normalize: bool) -> torch.Tensor:

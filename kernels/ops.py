@@ -23,7 +23,7 @@ from . import launch
 
 # Bump when an op's signature or autograd formula changes: torch.compile's on-disk caches key a compiled
 # step on its forward graph and could replay a backward recorded against the old op.
-OPS_VERSION = 5
+OPS_VERSION = 6
 
 
 def _call(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, group, pairs, ids,
@@ -42,8 +42,19 @@ def _unflatten(pairs: list[int]) -> tuple[tuple[int, int], ...]:
     return tuple(zip(pairs[0::2], pairs[1::2]))
 
 
-def _scale2(temperature: torch.Tensor) -> torch.Tensor:
-    return (LOG2E / temperature.float()).contiguous()  # on the device: no copy from the host
+def _scale2(temperature: torch.Tensor, known_t) -> torch.Tensor:
+    """log2(e)/t per pair, (P,) fp32 on the device: a cached table for numbers (no kernel), else computed
+    from the tensor (no copy from the host)."""
+    if known_t:
+        return constant(tuple(LOG2E / t for t in known_t), torch.float32, str(temperature.device))
+    return (LOG2E / temperature.float()).contiguous()
+
+
+def _inverse(temperature: torch.Tensor, known_t) -> torch.Tensor:
+    """1/t per pair, (P,) fp32 on the device, as _scale2 makes it."""
+    if known_t:
+        return constant(tuple(1.0 / t for t in known_t), torch.float32, str(temperature.device))
+    return 1.0 / temperature.float()
 
 
 def _bound(call: Call, temperature: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
@@ -72,7 +83,7 @@ def nan_unless_valid(parameters, *outputs: torch.Tensor) -> tuple[torch.Tensor, 
         ok = valid.all() if ok is None else ok & valid.all()
     if ok is None:
         return outputs
-    return tuple(torch.where(ok, out, torch.full_like(out, float("nan"))) for out in outputs)
+    return tuple(torch.where(ok, out, float("nan")) for out in outputs)
 
 
 @torch.library.custom_op(f"fastpair::pairwise_nce_fwd_v{OPS_VERSION}", mutates_args=())
@@ -83,7 +94,7 @@ def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t:
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                 torch.Tensor, torch.Tensor]:
     """Returns loss, pair_losses (P,), accuracy (P, 2), lse2 (2P, N), r (M, N), coef (P,), the target terms'
-    sums over this process's valid rows (P,) (fastpair.targets; zeros for identity targets) and the bound
+    sums over this process's valid rows (P,) (fastpair.targets; unset for identity targets) and the bound
     flag of `_bound` (0-d int32; unset and unread with numeric temperatures).
     temperature: (P,) tensor; known_t: the same values as numbers when the caller had them. A tensor's
     values are never read on the host: invalid ones make the loss NaN (`nan_unless_valid`).
@@ -95,14 +106,14 @@ def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t:
     r0, r1 = call.rows(n)
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
         bounded, flag = _bound(call, temperature)
-        staged = launch.stage(zs, mask, _scale2(temperature), call.pairs, normalize, flag=flag)
+        staged = launch.stage(zs, mask, _scale2(temperature, known_t), call.pairs, normalize, flag=flag)
         swept = launch.forward(staged, bounded, stats, torch.are_deterministic_algorithms_enabled(),
                                row0=r0, rows=r1 - r0)
         table, lse_row, lse_col, diag = _statistics(call, swept, n, flag)
         hits = _hits(call, swept.args, r0, r1) if stats else None
         if call.identity_targets:
             done = epilogue.finish(call, n, lse_row, lse_col, 2.0 * diag, hits, unit=LN2)
-            sums = torch.zeros(len(call.pairs), dtype=torch.float32, device=table.device)
+            sums = torch.empty(len(call.pairs), dtype=torch.float32, device=table.device)  # unread: no fill
         else:
             target = _target_terms(call, staged, n)
             done = epilogue.finish(call, n, lse_row * LN2, lse_col * LN2, target, hits)
@@ -111,7 +122,13 @@ def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t:
                                              done.pair_losses)
         if flag is None:  # an output must be a fresh tensor: an unread placeholder, no launch
             flag = torch.empty((), dtype=torch.int32, device=table.device)
-    return loss, pair_losses, done.accuracy, table, staged.rnorm, done.coef, sums, flag
+    return loss, pair_losses, done.accuracy, table, staged.rnorm, own_coef(call, done), sums, flag
+
+
+def own_coef(call: Call, done: epilogue.Finished) -> torch.Tensor:
+    """The epilogue's coefficients as an op may return them: its own tensor. Without a mask they are a
+    cached table shared by every call (epilogue._unmasked): a copy, one small kernel."""
+    return done.coef.clone() if call.mask is None else done.coef
 
 
 def _hits(call: Call, args: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
@@ -212,24 +229,26 @@ def _(zs, temperature, known_t, mask, weights, normalize, stats, sizes, rank, gr
 
 
 @torch.library.custom_op(f"fastpair::pairwise_nce_bwd_v{OPS_VERSION}", mutates_args=())
-def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: torch.Tensor,
+def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: torch.Tensor, known_t: list[float],
                      mask: torch.Tensor | None, lse: torch.Tensor, rnorm: torch.Tensor, coef: torch.Tensor,
                      bounded: bool, flag: torch.Tensor | None, normalize: bool, needs_dt: bool, sizes: list[int],
                      rank: int, pairs: list[int], ids: torch.Tensor | None, label_smoothing: float,
                      target_sums: torch.Tensor,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns dL/dz stacked (M, N, D) in the input dtype and dL/dt (P,) (unset when not needed: discarded).
-    bounded: from numeric temperatures (host); flag: the forward's device flag for a temperature tensor
-    (None otherwise). With a process group, the gradient of this rank's share of the loss w.r.t. the
-    gathered batch (no communication here: the gather's backward sums the ranks' gradients)."""
+    known_t: the temperatures as numbers, when the caller gave numbers; bounded: from them (host); flag:
+    the forward's device flag for a temperature tensor (None otherwise). With a process group, the
+    gradient of this rank's share of the loss w.r.t. the gathered batch (no communication here: the
+    gather's backward sums the ranks' gradients)."""
     identity = identity_targets(ids, label_smoothing)
     n = zs[0].shape[0]
     r0, rows = distributed.rows_from_op_arguments(sizes, rank, n)
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
-        staged = launch.stage(zs, mask, _scale2(temperature), _unflatten(pairs), normalize, rnorm=rnorm, flag=flag)
+        staged = launch.stage(zs, mask, _scale2(temperature, known_t), _unflatten(pairs), normalize, rnorm=rnorm,
+                              flag=flag)
         c = (grad.float() * coef).contiguous()
         dxw, sgs, _ = launch.backward(staged, lse, c, bounded, needs_dt, identity, row0=r0, rows=rows)
-        scale = 1.0 / temperature.float()
+        scale = _inverse(temperature, known_t) if needs_dt or not identity else None
         if not identity:
             _add_target_grads(staged, mask, ids, label_smoothing, c, scale, dxw, r0, r0 + rows)
         grads = launch.input_grads(dxw, staged, normalize)
@@ -241,8 +260,8 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
 
 
 @pairwise_nce_bwd.register_fake
-def _(grad, zs, temperature, mask, lse, rnorm, coef, bounded, flag, normalize, needs_dt, sizes, rank, pairs, ids,
-      label_smoothing, target_sums):
+def _(grad, zs, temperature, known_t, mask, lse, rnorm, coef, bounded, flag, normalize, needs_dt, sizes, rank, pairs,
+      ids, label_smoothing, target_sums):
     m, (n, d) = len(zs), zs[0].shape
     return zs[0].new_empty((m, n, d)), zs[0].new_empty((len(pairs) // 2,), dtype=torch.float32)
 
@@ -280,7 +299,7 @@ def _backward(ctx, grad_loss, *_unused):
         return _input_grads(state, [None] * len(zs), None)
     known = state.known_t  # numbers: the bound is the host's; a tensor: the forward's device flag
     bounded = _host_bounded(known, state.normalize)
-    grads, dt = pairwise_nce_bwd(grad_loss, zs, temperature, state.mask, lse, rnorm, coef, bounded,
+    grads, dt = pairwise_nce_bwd(grad_loss, zs, temperature, known, state.mask, lse, rnorm, coef, bounded,
                                  None if known or not state.normalize else flag, state.normalize, state.needs_dt,
                                  state.sizes, state.rank, state.pairs, ids if state.has_ids else None,
                                  state.label_smoothing, sums)

@@ -19,9 +19,19 @@ from fastpair.numerics import LN2
 from fastpair.targets import Groups, add_target_grads, group_labels, target_terms
 
 from . import launch
-from .ops import _device_values, _hits, _normalized, _scale2, _unflatten, inverse_temperatures, nan_unless_valid
+from .ops import (
+    _device_values,
+    _hits,
+    _inverse,
+    _normalized,
+    _scale2,
+    _unflatten,
+    inverse_temperatures,
+    nan_unless_valid,
+    own_coef,
+)
 
-OPS_VERSION = 2  # bump when an op's signature or autograd formula changes (see ops.OPS_VERSION)
+OPS_VERSION = 3  # bump when an op's signature or autograd formula changes (see ops.OPS_VERSION)
 
 
 def _call(zs, temperature, known_t, bias, known_b, mask, weights, normalize, stats, sizes, rank, group, pairs,
@@ -69,7 +79,7 @@ def pairwise_sigmoid_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, know
     num_pairs = len(call.pairs)
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
         b = bias.float().contiguous()
-        staged = launch.stage(zs, mask, _scale2(temperature), call.pairs, normalize, bias=b)
+        staged = launch.stage(zs, mask, _scale2(temperature, known_t), call.pairs, normalize, bias=b)
         swept = launch.forward(staged, False, stats, torch.are_deterministic_algorithms_enabled(),
                                row0=r0, rows=r1 - r0)
         two_way = swept.lse.shape[0] == 2 * num_pairs
@@ -85,7 +95,7 @@ def pairwise_sigmoid_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, know
         done = epilogue.finish(call, n, rowsum, torch.zeros_like(rowsum), target, hits, directions=1)
         loss, pair_losses = nan_unless_valid([("temperature", None if known_t else temperature),
                                               ("bias", None if known_b else bias)], done.loss, done.pair_losses)
-    return loss, pair_losses, done.accuracy, staged.rnorm, done.coef, s_sums, positives
+    return loss, pair_losses, done.accuracy, staged.rnorm, own_coef(call, done), s_sums, positives
 
 
 @pairwise_sigmoid_fwd.register_fake
@@ -99,23 +109,24 @@ def _(zs, temperature, known_t, bias, known_b, mask, weights, normalize, stats, 
 
 
 @torch.library.custom_op(f"fastpair::pairwise_sigmoid_bwd_v{OPS_VERSION}", mutates_args=())
-def pairwise_sigmoid_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: torch.Tensor, bias: torch.Tensor,
-                         mask: torch.Tensor | None, rnorm: torch.Tensor, coef: torch.Tensor, normalize: bool,
-                         needs_dt: bool, needs_db: bool, sizes: list[int], rank: int, pairs: list[int],
-                         ids: torch.Tensor | None, s_sums: torch.Tensor, positives: torch.Tensor,
+def pairwise_sigmoid_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: torch.Tensor, known_t: list[float],
+                         bias: torch.Tensor, mask: torch.Tensor | None, rnorm: torch.Tensor, coef: torch.Tensor,
+                         normalize: bool, needs_dt: bool, needs_db: bool, sizes: list[int], rank: int,
+                         pairs: list[int], ids: torch.Tensor | None, s_sums: torch.Tensor, positives: torch.Tensor,
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dL/dz stacked (M, N, D) in the input dtype, dL/dt (P,) and dL/db (P,) (unset when not
-    needed: discarded). With a process group, the gradient of this rank's share w.r.t. the gathered batch."""
+    needed: discarded). known_t: the temperatures as numbers, when the caller gave numbers. With a process
+    group, the gradient of this rank's share w.r.t. the gathered batch."""
     n = zs[0].shape[0]
     r0, rows = distributed.rows_from_op_arguments(sizes, rank, n)
     num_pairs = len(pairs) // 2
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
-        staged = launch.stage(zs, mask, _scale2(temperature), _unflatten(pairs), normalize, rnorm=rnorm,
+        staged = launch.stage(zs, mask, _scale2(temperature, known_t), _unflatten(pairs), normalize, rnorm=rnorm,
                               bias=bias.float().contiguous())
         c = (grad.float() * coef).contiguous()
         dxw, sgs, sgb = launch.backward(staged, staged.rnorm, c, False, needs_dt, ids is None, row0=r0, rows=rows,
                                         needs_db=needs_db)
-        scale = 1.0 / temperature.float()
+        scale = _inverse(temperature, known_t) if needs_dt or ids is not None else None
         dt, db = (torch.empty(num_pairs, dtype=torch.float32, device=zs[0].device) for _ in range(2))
         if needs_dt:  # dL/dt = -(1/t) sum G S, S = S2 ln 2
             dt = -(LN2 * scale) * sgs
@@ -143,8 +154,8 @@ def _add_positive_grads(staged: launch.Staged, mask, ids, coef, scale, dxw, r0: 
 
 
 @pairwise_sigmoid_bwd.register_fake
-def _(grad, zs, temperature, bias, mask, rnorm, coef, normalize, needs_dt, needs_db, sizes, rank, pairs, ids,
-      s_sums, positives):
+def _(grad, zs, temperature, known_t, bias, mask, rnorm, coef, normalize, needs_dt, needs_db, sizes, rank, pairs,
+      ids, s_sums, positives):
     m, (n, d), p = len(zs), zs[0].shape, len(pairs) // 2
     return zs[0].new_empty((m, n, d)), zs[0].new_empty((p,), dtype=torch.float32), \
         zs[0].new_empty((p,), dtype=torch.float32)
@@ -183,8 +194,8 @@ def _backward(ctx, grad_loss, *_unused):
     st: _State = ctx.state
     if grad_loss is None:  # no gradient reached the loss (grads are not materialized: see _setup_context)
         return _input_grads(st, [None] * len(zs), None, None)
-    grads, dt, db = pairwise_sigmoid_bwd(grad_loss, zs, temperature, bias, st.mask, rnorm, coef, st.normalize,
-                                         st.needs_dt, st.needs_db, st.sizes, st.rank, st.pairs,
+    grads, dt, db = pairwise_sigmoid_bwd(grad_loss, zs, temperature, st.known_t, bias, st.mask, rnorm, coef,
+                                         st.normalize, st.needs_dt, st.needs_db, st.sizes, st.rank, st.pairs,
                                          ids if st.has_ids else None, s_sums, positives)
     return _input_grads(st, list(grads.unbind(0)), dt if st.needs_dt else None, db if st.needs_db else None)
 

@@ -36,19 +36,21 @@ from torch.utils._python_dispatch import TorchDispatchMode
 READ_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal"}
 READ_METHODS = {"tolist", "numpy"}  # reads that do not reach the dispatcher
 LIFTS = {"aten::lift_fresh", "aten::lift", "aten::lift_fresh_copy"}  # torch.tensor(...) made outside dispatch
+ALLOCATIONS = {"aten::empty", "aten::empty_like", "aten::new_empty", "aten::empty_strided", "aten::new_empty_strided"}
 
 
 @dataclass
 class Costs:
     launches: int = 0  # Triton kernel launches
     ops: int = 0  # aten ops, custom ops' insides included, the custom ops themselves and launches excluded
+    kernels: int = 0  # of those, the ops that compute: not views, allocations or no-op casts (on a GPU, kernels)
     reads: list[str] = field(default_factory=list)  # each host read of tensor values: where it happened
     peak_bytes: int = 0  # most bytes alive at once in storages made during the call
     live_bytes: int = 0  # bytes still alive when the call returned (gradients, outputs, caches)
     custom_ops: list[str] = field(default_factory=list)  # the custom ops entered, in order
 
     def __str__(self) -> str:
-        return (f"{self.launches} launches, {self.ops} ops, {len(self.reads)} host reads, "
+        return (f"{self.launches} launches, {self.ops} ops ({self.kernels} computing), {len(self.reads)} host reads, "
                 f"peak {self.peak_bytes} B, {self.live_bytes} B alive after")
 
 
@@ -127,9 +129,12 @@ class _Dispatch(TorchDispatchMode):
         if _to_host(tensors_in, out):
             counter.read()
             counter.host_copies.update(t.untyped_storage() for t in _tensors([out]))
-        for t in _tensors([out]):
-            if id(t.untyped_storage()) not in inputs:  # a view or an in-place result is not a new tensor
-                counter.track(t)
+        fresh = [t for t in _tensors([out]) if id(t.untyped_storage()) not in inputs]
+        for t in fresh:  # a view or an in-place result is not a new tensor
+            counter.track(t)
+        # a view-like op (x.to(its own dtype), reshape of a contiguous x) computes only when it copies
+        computes = bool(fresh) if func.is_view else name not in ALLOCATIONS | READ_OPS
+        counter.costs.kernels += computes
         return out
 
 
