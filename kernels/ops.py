@@ -47,14 +47,14 @@ def _scale2(temperature: torch.Tensor, known_t) -> torch.Tensor:
     from the tensor (no copy from the host)."""
     if known_t:
         return constant(tuple(LOG2E / t for t in known_t), torch.float32, str(temperature.device))
-    return (LOG2E / temperature.float()).contiguous()
+    return torch.reciprocal(temperature.float()).mul_(LOG2E)
 
 
 def _inverse(temperature: torch.Tensor, known_t) -> torch.Tensor:
     """1/t per pair, (P,) fp32 on the device, as _scale2 makes it."""
     if known_t:
         return constant(tuple(1.0 / t for t in known_t), torch.float32, str(temperature.device))
-    return 1.0 / temperature.float()
+    return torch.reciprocal(temperature.float())
 
 
 def _bound(call: Call, temperature: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
@@ -63,7 +63,7 @@ def _bound(call: Call, temperature: torch.Tensor) -> tuple[bool, torch.Tensor | 
     False and the kernels read the flag)."""
     if not call.normalize or call.temperature.values is not None:
         return _host_bounded(call.temperature.values or (), call.normalize), None
-    scale = 1.0 / temperature.float()
+    scale = torch.reciprocal(temperature.float())
     return False, ((scale > 0) & (scale <= exp_bound(torch.float32))).all().to(torch.int32)
 
 
@@ -253,7 +253,9 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
             _add_target_grads(staged, mask, ids, label_smoothing, c, scale, dxw, r0, r0 + rows)
         grads = launch.input_grads(dxw, staged, normalize)
         if needs_dt:  # dL/dt = -(1/t) sum G S, S = S2 ln 2; the targets' part: the loss holds -c A, A ~ 1/t
-            dt = -(LN2 * scale) * sgs + (c * target_sums * scale if not identity else 0.0)
+            dt = sgs * (scale * -LN2)
+            if not identity:
+                dt = dt + c * target_sums * scale
         else:
             dt = torch.empty(len(pairs) // 2, dtype=torch.float32, device=zs[0].device)
     return grads, dt

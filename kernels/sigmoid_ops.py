@@ -129,7 +129,7 @@ def pairwise_sigmoid_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature
         scale = _inverse(temperature, known_t) if needs_dt or ids is not None else None
         dt, db = (torch.empty(num_pairs, dtype=torch.float32, device=zs[0].device) for _ in range(2))
         if needs_dt:  # dL/dt = -(1/t) sum G S, S = S2 ln 2
-            dt = -(LN2 * scale) * sgs
+            dt = sgs * (scale * -LN2)
         if needs_db:  # dL/db = sum G
             db = sgb
         if ids is not None:  # the positives' part of G, -c [j in P(i)]
