@@ -321,7 +321,8 @@ pairwise_nce_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def _device_values(parameter: PerPair, num_pairs: int, device) -> tuple[torch.Tensor, list[float]]:
     """A temperature or bias as the ops take it: a (P,) fp32 tensor (the gradient flows through a tensor
-    argument), and its host values when the caller gave numbers ([] for a tensor: read inside the op)."""
+    argument), and its host values when the caller gave numbers ([] for a tensor, whose values stay on the
+    device)."""
     if parameter.values is None:
         value = parameter.tensor.to(device=device, dtype=torch.float32).reshape(-1)
         return (value.expand(num_pairs).contiguous() if value.numel() == 1 else value), []
