@@ -3,8 +3,9 @@ tensor values, and the peak bytes of tensors made during the call (docs/design.m
 
 `measure(fn)` runs fn() once under three hooks and returns a `Costs`:
 - a TorchDispatchMode sees every aten op, inside torch.library custom ops too (it re-enters their Python
-  implementation under itself: a mode is otherwise blind below the op it intercepts). It counts the ops,
-  the host reads that reach the dispatcher (`_local_scalar_dense`, behind .item(), bool(), int() and
+  implementation under itself: a mode is otherwise blind below the op it intercepts). It counts the ops
+  and, of them, those that compute (not views, allocations or no-op casts: each a kernel on a GPU), the
+  host reads that reach the dispatcher (`_local_scalar_dense`, behind .item(), bool(), int() and
   float(); `equal`; a copy from a device to the CPU), and tracks the storage of every tensor the call
   creates: bytes alive now, and the peak.
 - a TorchFunctionMode sees the reads that never reach the dispatcher (.tolist(), .numpy()).
