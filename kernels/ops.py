@@ -42,29 +42,24 @@ def _unflatten(pairs: list[int]) -> tuple[tuple[int, int], ...]:
     return tuple(zip(pairs[0::2], pairs[1::2]))
 
 
-def _scale2(temperature: torch.Tensor, known_t) -> torch.Tensor:
-    """log2(e)/t per pair, (P,) fp32 on the device: a cached table for numbers (no kernel), else computed
-    from the tensor (no copy from the host)."""
+def _scales(temperature: torch.Tensor, known_t) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1/t, log2(e)/t) per pair, (P,) fp32 on the device: cached tables for numbers (no kernel); from a
+    tensor, one reciprocal and one product (no copy from the host)."""
     if known_t:
-        return constant(tuple(LOG2E / t for t in known_t), torch.float32, str(temperature.device))
-    return torch.reciprocal(temperature.float()).mul_(LOG2E)
+        device = str(temperature.device)
+        return (constant(tuple(1.0 / t for t in known_t), torch.float32, device),
+                constant(tuple(LOG2E / t for t in known_t), torch.float32, device))
+    inverse = torch.reciprocal(temperature.float())
+    return inverse, inverse * LOG2E
 
 
-def _inverse(temperature: torch.Tensor, known_t) -> torch.Tensor:
-    """1/t per pair, (P,) fp32 on the device, as _scale2 makes it."""
-    if known_t:
-        return constant(tuple(1.0 / t for t in known_t), torch.float32, str(temperature.device))
-    return torch.reciprocal(temperature.float())
-
-
-def _bound(call: Call, temperature: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+def _bound(call: Call, inverse: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
     """(bounded, flag): whether |S| <= 1/t <= exp_bound(float32) for every pair (normalized inputs), on the
-    host from numeric temperatures; from a tensor, a 0-d int32 flag computed on the device (bounded is then
-    False and the kernels read the flag)."""
+    host from numeric temperatures; from a tensor (inverse: its 1/t), a 0-d int32 flag computed on the
+    device (bounded is then False and the kernels read the flag)."""
     if not call.normalize or call.temperature.values is not None:
         return _host_bounded(call.temperature.values or (), call.normalize), None
-    scale = torch.reciprocal(temperature.float())
-    return False, ((scale > 0) & (scale <= exp_bound(torch.float32))).all().to(torch.int32)
+    return False, ((inverse > 0) & (inverse <= exp_bound(torch.float32))).all().to(torch.int32)
 
 
 def _host_bounded(known_t, normalize: bool) -> bool:
@@ -105,8 +100,9 @@ def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t:
     n = zs[0].shape[0]
     r0, r1 = call.rows(n)
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
-        bounded, flag = _bound(call, temperature)
-        staged = launch.stage(zs, mask, _scale2(temperature, known_t), call.pairs, normalize, flag=flag)
+        inverse, scale2 = _scales(temperature, known_t)
+        bounded, flag = _bound(call, inverse)
+        staged = launch.stage(zs, mask, scale2, call.pairs, normalize, flag=flag)
         swept = launch.forward(staged, bounded, stats, torch.are_deterministic_algorithms_enabled(),
                                row0=r0, rows=r1 - r0)
         table, lse_row, lse_col, diag = _statistics(call, swept, n, flag)
@@ -115,7 +111,7 @@ def pairwise_nce_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, known_t:
             done = epilogue.finish(call, n, lse_row, lse_col, 2.0 * diag, hits, unit=LN2)
             sums = torch.empty(len(call.pairs), dtype=torch.float32, device=table.device)  # unread: no fill
         else:
-            target = _target_terms(call, staged, n)
+            target = _target_terms(call, staged, n, inverse)
             done = epilogue.finish(call, n, lse_row * LN2, lse_col * LN2, target, hits)
             sums = epilogue.valid_row_sums(call, n, target)
         loss, pair_losses = nan_unless_valid([("temperature", None if known_t else temperature)], done.loss,
@@ -148,22 +144,15 @@ def _normalized(staged: launch.Staged) -> dict[int, torch.Tensor]:
     return {m: staged.z[m].float() * staged.rnorm[m, :, None] for m in used}
 
 
-def _target_terms(call: Call, staged: launch.Staged, n: int) -> torch.Tensor:
-    """(P, rows) the target terms of fastpair.targets at this process's rows, in nats."""
+def _target_terms(call: Call, staged: launch.Staged, n: int, inverse: torch.Tensor) -> torch.Tensor:
+    """(P, rows) the target terms of fastpair.targets at this process's rows, in nats (inverse: 1/t per pair)."""
     r0, r1 = call.rows(n)
     labels = None if call.ids is None else group_labels(call.ids)
     xs, out = _normalized(staged), []
-    scales = inverse_temperatures(call)
     for k, (p, q) in enumerate(call.pairs):
         groups = Groups.of(labels, call.mask, (p, q), call.label_smoothing, xs[p])
-        out.append(target_terms(xs[p], xs[q], groups, scales[k], r0, r1))
+        out.append(target_terms(xs[p], xs[q], groups, inverse[k], r0, r1))
     return torch.stack(out)
-
-
-def inverse_temperatures(call: Call):
-    """1/t per pair: host numbers, or a (P,) tensor on the device when the temperature is one."""
-    t = call.temperature
-    return [1.0 / v for v in t.values] if t.values is not None else 1.0 / t.tensor.float()
 
 
 def _add_target_grads(staged: launch.Staged, mask, ids, eps: float, coef, scale, dxw, r0: int, r1: int) -> None:
@@ -244,11 +233,10 @@ def pairwise_nce_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature: to
     n = zs[0].shape[0]
     r0, rows = distributed.rows_from_op_arguments(sizes, rank, n)
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
-        staged = launch.stage(zs, mask, _scale2(temperature, known_t), _unflatten(pairs), normalize, rnorm=rnorm,
-                              flag=flag)
+        scale, scale2 = _scales(temperature, known_t)
+        staged = launch.stage(zs, mask, scale2, _unflatten(pairs), normalize, rnorm=rnorm, flag=flag)
         c = (grad.float() * coef).contiguous()
         dxw, sgs, _ = launch.backward(staged, lse, c, bounded, needs_dt, identity, row0=r0, rows=rows)
-        scale = _inverse(temperature, known_t) if needs_dt or not identity else None
         if not identity:
             _add_target_grads(staged, mask, ids, label_smoothing, c, scale, dxw, r0, r0 + rows)
         grads = launch.input_grads(dxw, staged, normalize)

@@ -22,11 +22,9 @@ from . import launch
 from .ops import (
     _device_values,
     _hits,
-    _inverse,
     _normalized,
-    _scale2,
+    _scales,
     _unflatten,
-    inverse_temperatures,
     nan_unless_valid,
     own_coef,
 )
@@ -49,15 +47,15 @@ def _call(zs, temperature, known_t, bias, known_b, mask, weights, normalize, sta
                 shard=distributed.shard_from_op_arguments(sizes, rank, group))
 
 
-def _positives(call: Call, staged: launch.Staged, n: int):
-    """(P, rows) at this process's rows: the positives' sum of S and their number |P(i)| (1 without ids)."""
+def _positives(call: Call, staged: launch.Staged, n: int, inverse: torch.Tensor):
+    """(P, rows) at this process's rows: the positives' sum of S and their number |P(i)| (1 without ids);
+    inverse: 1/t per pair."""
     r0, r1 = call.rows(n)
     labels = group_labels(call.ids)
     xs, s_part, count = _normalized(staged), [], []
-    scales = inverse_temperatures(call)
     for k, (p, q) in enumerate(call.pairs):
         groups = Groups.of(labels, call.mask, (p, q), 0.0, xs[p], mean=False)
-        s_part.append(target_terms(xs[p], xs[q], groups, scales[k], r0, r1, both=False))
+        s_part.append(target_terms(xs[p], xs[q], groups, inverse[k], r0, r1, both=False))
         count.append(groups.sizes[r0:r1])
     return torch.stack(s_part), torch.stack(count)
 
@@ -79,7 +77,8 @@ def pairwise_sigmoid_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, know
     num_pairs = len(call.pairs)
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
         b = bias.float().contiguous()
-        staged = launch.stage(zs, mask, _scale2(temperature, known_t), call.pairs, normalize, bias=b)
+        inverse, scale2 = _scales(temperature, known_t)
+        staged = launch.stage(zs, mask, scale2, call.pairs, normalize, bias=b)
         swept = launch.forward(staged, False, stats, torch.are_deterministic_algorithms_enabled(),
                                row0=r0, rows=r1 - r0)
         two_way = swept.lse.shape[0] == 2 * num_pairs
@@ -89,7 +88,7 @@ def pairwise_sigmoid_fwd(zs: list[torch.Tensor], temperature: torch.Tensor, know
             target = diag * LN2 + b[:, None]
             s_sums, positives = (torch.zeros(num_pairs, dtype=torch.float32, device=rowsum.device) for _ in range(2))
         else:
-            s_part, count = _positives(call, staged, n)
+            s_part, count = _positives(call, staged, n, inverse)
             target = s_part + b[:, None] * count
             s_sums, positives = epilogue.valid_row_sums(call, n, s_part), epilogue.valid_row_sums(call, n, count)
         done = epilogue.finish(call, n, rowsum, torch.zeros_like(rowsum), target, hits, directions=1)
@@ -121,12 +120,12 @@ def pairwise_sigmoid_bwd(grad: torch.Tensor, zs: list[torch.Tensor], temperature
     r0, rows = distributed.rows_from_op_arguments(sizes, rank, n)
     num_pairs = len(pairs) // 2
     with torch.autocast(device_type=zs[0].device.type, enabled=False):
-        staged = launch.stage(zs, mask, _scale2(temperature, known_t), _unflatten(pairs), normalize, rnorm=rnorm,
+        scale, scale2 = _scales(temperature, known_t)
+        staged = launch.stage(zs, mask, scale2, _unflatten(pairs), normalize, rnorm=rnorm,
                               bias=bias.float().contiguous())
         c = (grad.float() * coef).contiguous()
         dxw, sgs, sgb = launch.backward(staged, staged.rnorm, c, False, needs_dt, ids is None, row0=r0, rows=rows,
                                         needs_db=needs_db)
-        scale = _inverse(temperature, known_t) if needs_dt or ids is not None else None
         dt, db = (torch.empty(num_pairs, dtype=torch.float32, device=zs[0].device) for _ in range(2))
         if needs_dt:  # dL/dt = -(1/t) sum G S, S = S2 ln 2
             dt = sgs * (scale * -LN2)
