@@ -28,8 +28,10 @@ writes W = diag(r_p) G diag(r_q) / t (input dtype); two GEMMs on the host then g
 (atomic-free, deterministic). dL/dt_k = -s_k sum_ij G_ij S_ij is reduced from the tiles, no extra pass.
 `input_grad_kernel` applies the normalization backward and writes dL/dz in the input dtype in one pass.
 
-Limits: fp32, bf16, fp16 inputs (fp32 math; tf32 for fp32 inputs only when torch allows it); any N >= 1,
-any D (masked to the block); int64 offsets.
+Limits: fp32, bf16, fp16 inputs, fp32 accumulation; fp32 inputs' products on tensor cores as 3xTF32 (fp32
+accuracy) by default, TF32 where torch allows it, IEEE fp32 (FMA units) where torch was told so
+(launch.input_precision); any N >= 1, any D (the host pads rows to 16 elements, the kernels mask to D);
+int64 offsets.
 """
 
 from __future__ import annotations
@@ -64,6 +66,22 @@ def _scaled_tile(z_ptr, rnorm_ptr, a, b, offs_m, offs_n, row_f, N, D, stride_m, 
                        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION)
     rb = tl.load(rnorm_ptr + b * N + offs_n, mask=offs_n < N, other=0.0)
     return acc * row_f[:, None] * rb[None, :], rb
+
+
+@triton.jit
+def _softplus(u):
+    """log(1 + e^u) = max(u, 0) + ln 2 * log2(1 + 2^(-|u| log2 e)), exact for every u (no overflow)."""
+    return tl.maximum(u, 0.0) + 0.6931471805599453 * tl.log2(1.0 + tl.exp2(-tl.abs(u) * 1.4426950408889634))
+
+
+@triton.jit
+def _first_argmax(s, offs_n, best, best_idx):
+    """The running first argmax of each row over column blocks: the tile's maximum and its first column
+    (the least column index holding it), kept where it beats the earlier blocks' strictly."""
+    t_max = tl.max(s, axis=1)
+    t_arg = tl.min(tl.where(s == t_max[:, None], offs_n[None, :], 2147483647), axis=1)
+    better = t_max > best
+    return tl.where(better, t_max, best), tl.where(better, t_arg, best_idx)
 
 
 @triton.jit
@@ -123,11 +141,11 @@ def fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, bias_ptr, dir_ptr, flag_
         if (start_n < m_start + BLOCK_M) & (start_n + BLOCK_N > m_start):  # tile meets the diagonal
             diag += tl.sum(tl.where(offs_m[:, None] == offs_n[None, :], s2, 0.0), axis=1)
         if SIGMOID:
-            # softplus(u) = max(u, 0) + ln 2 * log2(1 + 2^(-|u| log2 e)), exact for every u = S + b
-            u = s2 * 0.6931471805599453 + bias
-            sp = tl.maximum(u, 0.0) + 0.6931471805599453 * tl.log2(1.0 + tl.exp2(-tl.abs(u) * 1.4426950408889634))
-            l_i += tl.sum(tl.where(col_ok[None, :], sp, 0.0), axis=1)
-        s2 = tl.where(col_ok[None, :], s2, float("-inf"))
+            # the row sums of softplus(S + b); S + b replaces S2 for the argmax (the same order, and S2 dies)
+            s2 = s2 * 0.6931471805599453 + bias
+            l_i += tl.sum(tl.where(col_ok[None, :], _softplus(s2), 0.0), axis=1)
+        if STATS or not SIGMOID:
+            s2 = tl.where(col_ok[None, :], s2, float("-inf"))
         if not SIGMOID:
             if BOUNDED:
                 # |S| <= 1/t <= 60: exp2 of the raw logits stays in fp32's normal range, no max needed
@@ -150,11 +168,7 @@ def fwd_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, bias_ptr, dir_ptr, flag_
                         part = tl.sum(tl.where(row_ok[:, None], e, 0.0), axis=0)
                         tl.atomic_add(colsum_ptr + k * N + offs_n, part, mask=col_ok)
         if STATS:
-            t_max = tl.max(s2, axis=1)
-            t_arg = tl.argmax(s2, axis=1, tie_break_left=True).to(tl.int32) + start_n
-            better = t_max > best  # strict: the first column block holding the maximum wins
-            best = tl.where(better, t_max, best)
-            best_idx = tl.where(better, t_arg, best_idx)
+            best, best_idx = _first_argmax(s2, offs_n, best, best_idx)
     if SIGMOID:
         lse = l_i
     elif BOUNDED:
@@ -230,10 +244,11 @@ def grad_panel_kernel(z_ptr, rnorm_ptr, valid_ptr, scale2_ptr, bias_ptr, coef_pt
 
 
 @triton.jit(do_not_specialize=["N"])
-def input_grad_kernel(dx_ptr, z_ptr, rnorm_ptr, out_ptr, N, D,
+def input_grad_kernel(dx_ptr, z_ptr, rnorm_ptr, out_ptr, N, D, stride,
                        NORMALIZE: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_D: tl.constexpr):
-    """dL/dz from dL/dx in one pass over rows of (M*N, D), written in the input dtype.
+    """dL/dz from dL/dx in one pass over rows of (M*N, D), written in the input dtype (rows of D); dx and z
+    have rows of `stride` (D padded, the extra columns zero).
 
     dx_ptr holds dL/dx * r (the panel backward's W carries r = 1/n), so dL/dx = dx_ptr / r.
     NORMALIZE: x = z / n, n = max(||z||, eps): dz = (dx - x <x, dx>) / n above eps, dx / n below;
@@ -242,7 +257,7 @@ def input_grad_kernel(dx_ptr, z_ptr, rnorm_ptr, out_ptr, N, D,
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     inside = (rows[:, None] < N) & (cols[None, :] < D)
-    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    offs = rows.to(tl.int64)[:, None] * stride + cols[None, :]
     dx = tl.load(dx_ptr + offs, mask=inside, other=0.0)
     r = tl.load(rnorm_ptr + rows, mask=rows < N, other=1.0)
     dx = tl.div_rn(dx, r[:, None])
@@ -253,4 +268,4 @@ def input_grad_kernel(dx_ptr, z_ptr, rnorm_ptr, out_ptr, N, D,
         x = tl.div_rn(z, norm[:, None])
         dot = tl.where(norm > 1e-12, tl.sum(x * dx, axis=1), 0.0)
         dx = tl.div_rn(dx - x * dot[:, None], norm[:, None])
-    tl.store(out_ptr + offs, dx.to(out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], dx.to(out_ptr.dtype.element_ty), mask=inside)

@@ -20,13 +20,17 @@ from . import tuning
 from .jit import fwd_kernel, grad_panel_kernel, input_grad_kernel
 
 PANEL_BYTES = 256 * 2**20  # workspace for one row panel of W (the only O(rows * N) buffer)
+# Rows of the stacked inputs are padded to a multiple of 16 elements: the JIT specializes the row stride on its
+# divisibility by 16, and an unaligned one compiles to scalar loads that need more registers (they spilled at
+# D = 100 in the compile report) and more time; padded, every D compiles as an aligned one.
+ALIGN = 16
 
 
 @dataclass(frozen=True)
 class Staged:
     """The kernels' operands for one call."""
 
-    z: torch.Tensor  # (M, N, D), the inputs stacked in their dtype
+    z: torch.Tensor  # (M, N, width), the inputs stacked in their dtype, zero-padded to a multiple of ALIGN
     valid: torch.Tensor  # (M, N) int8 mask, or a 1-element placeholder
     has_mask: bool
     rnorm: torch.Tensor  # (M, N) fp32: 1 / max(||z||, eps), or ones when not normalizing
@@ -37,6 +41,7 @@ class Staged:
     # 0-d int32 on the device, 1 when the logits are bounded: set when the temperature is a tensor, whose
     # values the host does not read (a read would wait for the GPU); None: the host passes `bounded`
     flag: torch.Tensor | None = None
+    d: int = 0  # the inputs' D (z's width is D rounded up to ALIGN)
 
     @property
     def sigmoid(self) -> bool:
@@ -49,8 +54,9 @@ class Staged:
 
     @property
     def flag_or_any(self) -> torch.Tensor:
-        """A pointer for the kernels' flag argument, unread unless BOUND_ON_DEVICE."""
-        return self.scale2 if self.flag is None else self.flag
+        """A pointer for the kernels' flag argument, unread unless BOUND_ON_DEVICE: an int32 placeholder
+        (a pointer of another type would be another compilation of the kernel)."""
+        return constant((0,), torch.int32, str(self.z.device)) if self.flag is None else self.flag
 
 
 @dataclass(frozen=True)
@@ -67,8 +73,9 @@ class Swept:
 
 
 def stage(zs, mask, scale2: torch.Tensor, pairs, normalize: bool, rnorm=None, bias=None, flag=None) -> Staged:
-    """Stack the inputs, cast the mask, and compute the inverse norms (or take the forward's `rnorm`)."""
-    z = torch.stack([t.contiguous() for t in zs])
+    """Stack the inputs (padded with zero columns to a multiple of ALIGN), cast the mask, and compute the
+    inverse norms (or take the forward's `rnorm`). Zero columns change no dot product and no norm."""
+    z = _stack(zs)
     in_dtype = z.dtype
     if tuning.INTERPRET and z.dtype == torch.bfloat16:
         # Triton's interpreter misreads bf16 loads (numpy has no bf16). bf16 x bf16 products are exact in
@@ -83,13 +90,38 @@ def stage(zs, mask, scale2: torch.Tensor, pairs, normalize: bool, rnorm=None, bi
         valid = torch.empty(1, dtype=torch.int8, device=z.device)
     else:
         valid = mask.to(torch.int8).contiguous()
-    return Staged(z, valid, mask is not None, rnorm, scale2, tuple(pairs), in_dtype, bias, flag)
+    return Staged(z, valid, mask is not None, rnorm, scale2, tuple(pairs), in_dtype, bias, flag, zs[0].shape[1])
+
+
+def _stack(zs) -> torch.Tensor:
+    """(M, N, width) in one copy; width = D rounded up to ALIGN, the extra columns zero."""
+    (n, d), width = zs[0].shape, -(-zs[0].shape[1] // ALIGN) * ALIGN
+    if width == d:
+        return torch.stack([t.contiguous() for t in zs])
+    z = zs[0].new_empty(len(zs), n, width)
+    z[:, :, d:] = 0
+    for k, t in enumerate(zs):
+        z[k, :, :d] = t
+    return z
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """tl.dot's input precision. 16-bit inputs: "ieee" (their products are exact in the fp32 accumulator on
+    the tensor cores either way). fp32 inputs follow torch's setting for fp32 matmuls:
+    - "tf32" where torch allows TF32 (fp32_precision "tf32", allow_tf32 = True, set_float32_matmul_precision
+      "high" or "medium"): one tensor-core product, 10-bit mantissas;
+    - "ieee" where IEEE fp32 was asked for explicitly (fp32_precision "ieee", allow_tf32 = False or
+      set_float32_matmul_precision("highest")): FMA units, no tensor cores, several times slower;
+    - otherwise (torch's default, fp32_precision "none"), "tf32x3": each operand split into a TF32 high
+      part and a TF32 remainder, a*b ~ hi*hi + hi*lo + lo*hi on the tensor cores, about fp32's accuracy
+      (the dropped lo*lo term is below 2^-22 relative) at three tensor-core products.
+    torch.backends.cuda.matmul.allow_tf32 is not read: it raises once fp32_precision has been set."""
+    if dtype != torch.float32:
+        return "ieee"
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is None:  # torch < 2.9: the legacy flag alone, whose default False cannot mean "explicitly IEEE"
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    return {"tf32": "tf32", "ieee": "ieee"}.get(precision, "tf32x3")
 
 
 def forward(staged: Staged, bounded: bool, stats: bool, deterministic: bool, row0: int = 0,
@@ -175,7 +207,9 @@ def backward(staged: Staged, lse: torch.Tensor, coef: torch.Tensor, bounded: boo
     panels = triton.cdiv(last - first, height)
     # one row of per-tile partial sums (of G S2 for dt, of G for db) per launch, zeroed once (a launch whose
     # tiles came out larger writes fewer), summed per pair after the loop; an unneeded one is never read
-    tiles_max = triton.cdiv(height, min_m) * triton.cdiv(n, min_n)
+    # rows of 16 bytes' multiples: every launch's row pointer is then 16-byte aligned, as the JIT specializes
+    # pointers on it (an unaligned row would compile the kernel a second time)
+    tiles_max = 4 * triton.cdiv(triton.cdiv(height, min_m) * triton.cdiv(n, min_n), 4)
     part, part_b = (torch.zeros(len(pairs) * panels, tiles_max, dtype=torch.float32, device=device) if needed
                     else None for needed in (needs_dt, needs_db))
     pair_table = constant(pairs, torch.int32, str(device))
@@ -199,13 +233,17 @@ def backward(staged: Staged, lse: torch.Tensor, coef: torch.Tensor, bounded: boo
 
 
 def input_grads(dxw: torch.Tensor, staged: Staged, normalize: bool) -> torch.Tensor:
-    """dL/dz (M, N, D) in the input dtype from dL/dx * r, one fused pass."""
+    """dL/dz (M, N, D) in the input dtype from dL/dx * r (M, N, width), one fused pass."""
     z = staged.z
-    m, n, d = z.shape
+    m, n, width = z.shape
+    d = staged.d
     out = torch.empty(m, n, d, dtype=staged.in_dtype, device=z.device)
     block_d = max(16, triton.next_power_of_2(d))
-    block_r = 16 if tuning.INTERPRET else max(1, min(64, 8192 // block_d))
+    warps = 4 if block_d <= 512 else 8
+    # 16 fp32 values of each of dL/dx, z and x per thread (at 64, D = 1024 spilled: bench/results/compile-*)
+    block_r = 16 if tuning.INTERPRET else max(1, 16 * 32 * warps // block_d)
     input_grad_kernel[(triton.cdiv(m * n, block_r),)](
-        dxw, z, staged.rnorm, out, m * n, d, NORMALIZE=normalize, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+        dxw, z, staged.rnorm, out, m * n, d, width, NORMALIZE=normalize, BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=warps,
     )
     return out
