@@ -138,28 +138,49 @@ def test_custom_ops_pass_opcheck(targets, triton_only):
 
 
 def test_autotune_candidates():
-    """The autotuner's candidate filter (pure host logic, so it is checked on every machine)."""
+    """The autotuner's candidates and filter (pure host logic, so it is checked on every machine)."""
     from fastpair.kernels import tuning as K
 
     def tiles(configs):
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) for c in configs]
 
+    def lpt(c):
+        return K.logits_per_thread(c)
+
     h100, a100 = 227 * 1024, 163 * 1024
-    for configs in (K.FWD_GPU_CONFIGS, K.PANEL_GPU_CONFIGS):
-        # bf16 at the goal shape: every candidate is timed, with its own pipeline depth
-        assert tiles(K.keep(configs, 32768, 512, 2, h100)) == tiles(configs)
-        # fp32 on an A100: the 128 x 256 tile has no room for two stages; the others lose stages
-        kept = tiles(K.keep(configs, 32768, 512, 4, a100))
-        assert (128, 256, 64, 3) not in kept and (128, 256, 64, 2) not in kept
-        assert all(s >= 2 and s * (bm + bn) * bk * 4 <= a100 for bm, bn, bk, s in kept)
-        assert len(kept) == 2
-        # D = 20 pads to 32: no 64-wide K chunks of masked zeros
-        assert {bk for _, _, bk, _ in tiles(K.keep(configs, 32768, 32, 2, h100))} == {32}
-        # small N: the smallest tile alone (nothing to time); huge N: the first (best-measured) config
-        assert tiles(K.keep(configs, 1024, 512, 2, h100)) == [(64, 128, 64, 4)]
-        assert tiles(K.keep(configs, 2**20, 512, 2, h100)) == tiles(configs[:1])
-        # a GPU with too little shared memory for any pipeline still gets one (unpipelined) tile
-        assert tiles(K.keep(configs, 32768, 512, 4, 32 * 1024)) == [(64, 128, 64, 1)]
+    for c in K.GPU_CONFIGS:  # launchable: the registers it lets ptxas use fit an SM's 64 Ki with all its warps
+        assert c.maxnreg <= 255 and 32 * c.num_warps * c.maxnreg <= 65536
+    # where the compile report found spills, the offer shrinks: 64 logits a thread at most, 32 for Blackwell
+    # panels and 3xTF32, 16 for 3xTF32 with a mask on Ampere; IEEE fp32 (FMA dots) 16-wide K steps
+    for family in (8, 9, 10):
+        for precision in ("16-bit", "tf32", "tf32x3"):
+            for kernel, heavy in (("fwd", False), ("fwd", True), ("panel", False)):
+                got = K.offered(kernel, family, precision, heavy)
+                assert got and max(map(lpt, got)) <= 64
+                if (kernel == "panel" and (family >= 10 or precision == "tf32x3")) or (kernel, heavy) == ("fwd", True):
+                    assert max(map(lpt, got)) <= 32
+    assert K.offered("fwd", 8, "tf32x3", True) == [K.T16] and K.offered("panel", 9, "ieee", False) == [K.FMA]
+    assert K.offered("fwd", 9, "16-bit", False)[0] is K.T64 and K.offered("panel", 8, "tf32", False)[0] is K.T64
+    # the launch's flags select the offer: a mask or the sigmoid objective makes a forward heavy
+    flags = dict(INPUT_PRECISION="ieee", SIGMOID=False, HAS_MASK=True)
+    assert K.offered_for("fwd", 10, 2, flags) == K.offered("fwd", 10, "16-bit", True)
+    assert K.offered_for("panel", 10, 4, dict(flags, INPUT_PRECISION="tf32x3")) == K.offered("panel", 10, "tf32x3", False)
+
+    configs = K.offered("fwd", 9, "16-bit", False)
+    # bf16 at the goal shape: every candidate is timed, with its own pipeline depth
+    assert tiles(K.keep(configs, 32768, 512, 2, h100)) == tiles(configs)
+    # fp32: 32-wide K steps (the same bytes per row), and on an A100 only the stages that fit
+    kept = K.keep(configs, 32768, 512, 4, a100)
+    assert {c.kwargs["BLOCK_K"] for c in kept} == {32}
+    assert all(c.num_stages >= 2 and c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * 32 * 4 <= a100
+               for c in kept)
+    # D = 20 pads to 32: no 64-wide K chunks of masked zeros
+    assert {bk for _, _, bk, _ in tiles(K.keep(configs, 32768, 32, 2, h100))} == {32}
+    # small N: the tile with the fewest rows alone (nothing to time); huge N: the first (best-expected) config
+    assert tiles(K.keep(configs, 1024, 512, 2, h100)) == [(64, 64, 64, 4)]
+    assert tiles(K.keep(configs, 2**20, 512, 2, h100)) == tiles(configs[:1])
+    # a GPU with too little shared memory for any pipeline still gets one (unpipelined) tile
+    assert tiles(K.keep(configs, 32768, 512, 4, 16 * 1024)) == [(64, 64, 32, 1)]
     assert K.buckets(1, 1) == (1, 16) and K.buckets(4097, 300) == (8192, 512)
 
 
