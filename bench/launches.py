@@ -1,0 +1,250 @@
+"""The Triton launches fastpair's host code makes, captured on a machine without a GPU (for bench/compile.py).
+
+`capture(case)` runs one forward and backward of the public function on small CPU tensors with the three
+kernels replaced by recorders: a launch is recorded (kernel, argument types and alignments, constexprs) and
+its outputs zero-filled instead of computed. The host logic is the real one: the launchers pick the dtypes,
+flags (HAS_MASK, BOUNDED, STATS, NEEDS_DT, ...), the input precision and, for the input-gradient kernel, the
+tiles, exactly as they do on a GPU. What a capture cannot see, the autotuner's choice, is enumerated in
+`configs`: the candidates tuning.keep leaves for an architecture's shared memory at every N bucket
+(1 .. 2^20). N is never specialized (do_not_specialize), so a capture at a small N stands for every N; D
+is (the row stride's divisibility by 16, the D bucket's BLOCK_K), so cases name their D.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+from unittest import mock
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+
+import fastpair
+import fastpair.kernels
+from fastpair.kernels import jit, launch, tuning
+
+CAPTURE_N = 64  # rows of a capture: small, since N does not change a compilation (see the module docstring)
+N_BUCKETS = tuple(2**i for i in range(21))  # the autotuner's N keys from N = 1 to 2^20
+TILES = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+OUTPUTS = {  # what a recorder zero-fills, so that the host code after a launch reads defined values
+    "fwd_kernel": ("lse_ptr", "diag_ptr", "arg_ptr", "colsum_ptr"),
+    "grad_panel_kernel": ("w_ptr", "sgs_ptr", "sgb_ptr"),
+    "input_grad_kernel": ("out_ptr",),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call of the public API, as the options that can change what the kernels compile to."""
+
+    objective: str = "nce"  # "nce" (pairwise_nce) or "sigmoid" (pairwise_sigmoid)
+    dtype: str = "bfloat16"  # "bfloat16", "float16" or "float32"
+    fp32: str = "none"  # torch.backends.cuda.matmul.fp32_precision for float32 inputs: "none", "tf32", "ieee"
+    d: int = 512
+    temperature: str = "number"  # "number" (1/t <= 60), "large" (1/t > 60), "tensor", "learned" (requires grad)
+    normalize: bool = True
+    mask: bool = False
+    stats: bool = False
+    deterministic: bool = False
+    ids: bool = False
+
+    @property
+    def label(self) -> str:
+        precision = f"fp32/{self.fp32}" if self.dtype == "float32" else self.dtype
+        flags = [f for f in ("mask", "stats", "deterministic", "ids") if getattr(self, f)]
+        flags += [] if self.normalize else ["unnormalized"]
+        return " ".join([self.objective, precision, f"D={self.d}", f"t={self.temperature}", *flags])
+
+
+GRID = dict(objective=("nce", "sigmoid"), dtype=("bfloat16", "float16", "float32"), fp32=("none", "tf32", "ieee"),
+            temperature=("number", "large", "tensor", "learned"), normalize=(True, False), mask=(False, True),
+            stats=(False, True), deterministic=(False, True), ids=(False, True))
+# Every D from 64 up compiles alike (BLOCK_K = 64 and a row stride divisible by 16): the grid runs at D = 512,
+# and these the plain and the learned-temperature calls at other D, 100 being no multiple of 16.
+OTHER_D = (64, 100, 1024)
+
+
+def grid() -> list[Case]:
+    """Every combination of GRID that is a distinct call (fp32_precision only matters for float32 inputs),
+    then the other D."""
+    cases = []
+    for values in itertools.product(*GRID.values()):
+        case = Case(**dict(zip(GRID, values)))
+        if case.dtype != "float32" and case.fp32 != "none":
+            continue
+        cases.append(case)
+    for d, objective, dtype, t in itertools.product(OTHER_D, GRID["objective"], GRID["dtype"], ("number", "learned")):
+        cases.append(Case(objective=objective, dtype=dtype, d=d, temperature=t))
+    return cases
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compilation of a kernel up to its tile configuration: what Triton's JIT would key it on."""
+
+    kernel: str  # the @triton.jit function's name in fastpair.kernels.jit
+    signature: tuple  # ((argument, type), ...): "*bf16", "i32", "constexpr", ...
+    constexprs: tuple  # ((name, value), ...), the tiles excluded for autotuned kernels
+    attrs: tuple  # ((argument index, ((attribute, value), ...)), ...): pointer and integer alignment
+    tuned: bool  # launched through the autotuner (the tiles come from `configs`)
+    elem_bytes: int  # the stacked inputs' element size (tuning.keep's shared-memory arithmetic)
+    d_bucket: int
+
+    @property
+    def flags(self) -> dict:
+        return dict(self.constexprs)
+
+    @property
+    def label(self) -> str:
+        """The kernel, the input dtype, the flags that are set and the input precision, e.g.
+        "fwd bf16 ieee BOUNDED ATOMIC_COLS"."""
+        flags = self.flags
+        on = [k for k, v in flags.items() if v is True]
+        dtype = dict(self.signature)["z_ptr" if "z_ptr" in dict(self.signature) else "dx_ptr"].lstrip("*")
+        precision = flags.get("INPUT_PRECISION", "")
+        aligned = dict(self.attrs).get(self.arg_index("stride_n" if self.tuned else "stride"))
+        unaligned = "" if aligned else " D%16!=0"
+        name = self.kernel.removesuffix("_kernel")
+        return " ".join(x for x in (name, dtype, precision, *on) if x) + unaligned
+
+    def arg_index(self, name: str) -> int:
+        return [a for a, _ in self.signature].index(name)
+
+
+class _Recorder:
+    """Stands in for a jit kernel or an autotuner: `rec[grid](*args, **kwargs)` records, runs nothing."""
+
+    def __init__(self, fn, tuned: bool, sink: list):
+        self.fn, self.tuned, self.sink = fn, tuned, sink
+
+    def __getitem__(self, grid):
+        return self._record
+
+    def _record(self, *args, **kwargs):
+        names = self.fn.arg_names
+        for name, value in zip(names, args):
+            if name in OUTPUTS[self.fn.__name__] and isinstance(value, torch.Tensor):
+                value.zero_()
+        self.sink.append(_variant(self.fn, self.tuned, args, kwargs))
+
+
+_TARGET = GPUTarget("cuda", 90, 32)  # argument specialization is the same on every CUDA target
+
+
+def _variant(fn, tuned: bool, args, kwargs) -> Variant:
+    """The JIT's own specialization of these arguments (types, alignment attributes, constexprs)."""
+    backend = make_backend(_TARGET)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    placeholder = {k: 16 for k in TILES} if tuned else {}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    bound, specialization, _ = binder(*args, **kwargs, **placeholder, debug=False)
+    _, signature, constexprs, attrs = fn._pack_args(backend, dict(kwargs, **placeholder), bound, specialization, {})
+    names = fn.arg_names
+    named = {names[path[0]]: value for path, value in constexprs.items()}
+    if tuned:
+        named = {k: v for k, v in named.items() if k not in TILES}
+    else:
+        named.update(options)
+    z = args[0]
+    d_bucket = tuning.buckets(1, args[names.index("D")])[1]
+    return Variant(fn.__name__, tuple(signature.items()), tuple(sorted(named.items())),
+                   tuple(sorted((path[0], tuple(map(tuple, a))) for path, a in attrs.items())), tuned,
+                   z.element_size(), d_bucket)
+
+
+@contextlib.contextmanager
+def _recording(sink: list):
+    """The launchers' kernels replaced by recorders; CPU tensors accepted by backend="triton"."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(fastpair.kernels, "interpreter", lambda: True))
+        stack.enter_context(mock.patch.object(tuning, "fwd_tuned", _Recorder(jit.fwd_kernel, True, sink)))
+        stack.enter_context(mock.patch.object(tuning, "panel_tuned", _Recorder(jit.grad_panel_kernel, True, sink)))
+        stack.enter_context(mock.patch.object(launch, "input_grad_kernel",
+                                              _Recorder(jit.input_grad_kernel, False, sink)))
+        yield
+
+
+@contextlib.contextmanager
+def _fp32_precision(value: str):
+    """torch.backends.cuda.matmul.fp32_precision set for the call ("none": torch's default)."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = value
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool):
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _temperature(case: Case):
+    t = 0.005 if case.temperature == "large" else 0.07
+    if case.temperature in ("tensor", "learned"):
+        return torch.tensor(t, requires_grad=case.temperature == "learned")
+    return t
+
+
+def capture(case: Case) -> list[Variant]:
+    """The kernels one forward + backward of `case` launches, in launch order."""
+    gen = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, case.dtype)
+    zs = [torch.randn(CAPTURE_N, case.d, generator=gen).to(dtype).requires_grad_() for _ in range(3)]
+    kwargs = dict(temperature=_temperature(case), normalize=case.normalize, return_stats=case.stats,
+                  backend="triton")
+    if case.mask:
+        kwargs["mask"] = torch.rand(3, CAPTURE_N, generator=gen) > 0.2
+    if case.ids:
+        kwargs["ids"] = torch.arange(CAPTURE_N) // 2
+    if case.objective == "sigmoid":
+        learned = case.temperature == "learned"
+        kwargs["bias"] = torch.tensor(-10.0, requires_grad=True) if learned else -10.0
+        loss_fn = fastpair.pairwise_sigmoid
+    else:
+        loss_fn = fastpair.pairwise_nce
+    sink: list[Variant] = []
+    with _recording(sink), _fp32_precision(case.fp32), _deterministic(case.deterministic):
+        out = loss_fn(*zs, **kwargs)
+        loss = out[0] if case.stats else out
+        loss.backward()
+    return sink
+
+
+def configs(variant: Variant, capability: int, shared_memory: int) -> list[dict]:
+    """The tile configurations an autotuned launch can run with on a GPU of this compute capability (80, 90,
+    100) and shared memory per block: the union over N buckets of what the autotuner's pruning leaves
+    (tuning.offered_for, then tuning.keep; for an untuned kernel, its own tiles), as {BLOCK_M, BLOCK_N,
+    BLOCK_K, num_warps, num_stages, maxnreg}."""
+    if not variant.tuned:
+        return [{}]
+    kernel = "fwd" if variant.kernel == "fwd_kernel" else "panel"
+    candidates = tuning.offered_for(kernel, capability // 10, variant.elem_bytes, variant.flags)
+    seen: dict[tuple, dict] = {}
+    for n_bucket in N_BUCKETS:
+        for c in tuning.keep(candidates, n_bucket, variant.d_bucket, variant.elem_bytes, shared_memory):
+            entry = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            if c.maxnreg is not None:
+                entry["maxnreg"] = c.maxnreg
+            seen.setdefault(tuple(sorted(entry.items())), entry)
+    return list(seen.values())
+
+
+def variants(cases) -> dict[Variant, list[Case]]:
+    """The distinct compilations the cases launch, each with the cases that launch it."""
+    found: dict[Variant, list[Case]] = {}
+    for case in cases:
+        for v in capture(case):
+            found.setdefault(v, []).append(case)
+    return found
+
