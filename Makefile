@@ -12,7 +12,7 @@ OPEN_CLIP ?= open_clip_torch==3.3.0
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: venv test dist-check train bench bench-quick lint gpu-check clean
+.PHONY: venv test dist-check train bench bench-quick lint gpu-compile gpu-check clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,13 @@ bench: $(STAMP)
 # The same at N=1024 only (a smoke run of a few minutes), into the git-ignored bench/results/raw.
 bench-quick: $(STAMP)
 	$(PY) -m bench.run --device cpu --quick --out bench/results/raw
+
+# What a GPU compiler makes of every Triton kernel, without a GPU: every launch variant the API's options
+# produce, at every tile configuration the autotuner can pick, compiled for sm_80, sm_90a and sm_100a
+# (registers, spills, tensor-core instructions, occupancy) into bench/results/compile-<date>.{md,json}.
+# make test compiles a subset of it and holds it to budgets (tests/test_compile_budgets.py).
+gpu-compile: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m bench.compile
 
 lint: $(STAMP)
 	$(PY) -m ruff check fastpair kernels training bench tests
