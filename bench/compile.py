@@ -97,10 +97,9 @@ def _worker_init(cache_dir: str) -> None:
 def compile_job(job: Job) -> dict:
     """Compile one job and read what the compiler decided; a failure is a record with its error."""
     import triton
+    from fastpair.kernels import jit
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from fastpair.kernels import jit
 
     v, arch = job.variant, ARCHES[job.arch]
     config = dict(job.config)
@@ -296,8 +295,12 @@ def _meta(subset: str, arches, jobs: int, num_variants: int, seconds: float) -> 
 
     import fastpair
 
+    here = os.path.dirname(os.path.abspath(__file__))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+                            cwd=here).stdout.strip()
+    changed = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "fastpair"], capture_output=True,
+                             text=True, cwd=here).stdout.strip()
+    commit += " with uncommitted kernel or package changes" if changed else ""
     return dict(date=datetime.date.today().isoformat(), commit=commit, fastpair=fastpair.__version__,
                 triton=triton.__version__, torch=torch.__version__, subset=subset, arches=list(arches),
                 variants=num_variants, workers=jobs, seconds=round(seconds, 1),
@@ -316,6 +319,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the report compiles the kernels, the interpreter only runs them")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated to silence its warning
     data = run(args.subset, args.arch, args.jobs, progress=lambda s: print(s, file=sys.stderr, flush=True),
                with_cases=args.with_cases)
     if args.json:

@@ -17,14 +17,14 @@ import itertools
 from dataclasses import dataclass
 from unittest import mock
 
+import fastpair.kernels
 import torch
+from fastpair.kernels import jit, launch, tuning
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
 import fastpair
-import fastpair.kernels
-from fastpair.kernels import jit, launch, tuning
 
 CAPTURE_N = 64  # rows of a capture: small, since N does not change a compilation (see the module docstring)
 N_BUCKETS = tuple(2**i for i in range(21))  # the autotuner's N keys from N = 1 to 2^20

@@ -2,7 +2,8 @@
 
     python -m bench.tune_gpu [--n 32768] [--d 512] [--dtype bfloat16] [--sections fwd,panel,e2e]
 
-Times are medians of triton.testing.do_bench, each against the benchmark's 12-GEMM floor
+The candidates are kernels/tuning.py's (and, for comparison, the two tiles the 2026-11-24 sweep liked,
+which spill). Times are medians of triton.testing.do_bench, each against the benchmark's 12-GEMM floor
 (bench/providers.py) timed at the same shape: a forward against a quarter of it (S once per pair), a
 backward and a whole step against all of it. Every configuration's output is compared with the first
 one's, so a fast but wrong tiling shows up. The kernel internals come from bench/internals.py.
@@ -35,6 +36,23 @@ def sweep(title: str, configs, run, error, share: float) -> None:
         print(f"  {label} -> {ms:8.3f} ms  {ms / share:5.2f}x  {error(out, ref):.2e}", flush=True)
 
 
+def candidates(d: int, elem_bytes: int) -> list[tuple[str, dict]]:
+    """(label, launch options) of every tile candidate of kernels/tuning.py at this D and dtype, and of the two
+    tiles the 2026-11-24 H100 sweep liked, which spill (bench/results/compile-*): what spilling costs."""
+    from fastpair.kernels import tuning
+
+    legacy = [tuning._config(128, 256, 64, 8, 3, None), tuning._config(128, 128, 64, 4, 3, None)]
+    out = []
+    for c in tuning.GPU_CONFIGS + legacy:
+        bk = min(c.kwargs["BLOCK_K"] * 2 // elem_bytes, max(16, d))
+        options = dict(c.kwargs, BLOCK_K=bk, num_warps=c.num_warps, num_stages=c.num_stages)
+        if c.maxnreg is not None:
+            options["maxnreg"] = c.maxnreg
+        label = f"{c.kwargs['BLOCK_M']:4d} {c.kwargs['BLOCK_N']:4d} {bk:4d} {c.num_warps:2d} {c.num_stages:2d}"
+        out.append((label + (f" ({c.maxnreg})" if c.maxnreg else " (spills)"), options))
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=32768)
@@ -54,26 +72,17 @@ def main(argv=None) -> int:
     def rel(a, b):
         return ((a - b).abs().max() / b.abs().max()).item()
 
+    configs = candidates(d, zs[0].element_size())
     if "fwd" in sections:
         sweep("forward (atomic fast path): BM BN BK warps stages -> ms, x(floor / 4: S once per pair), max|dlse|",
-              [(f"{bm:4d} {bn:4d} {bk:4d} {w:2d} {s:2d}",
-                dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=s))
-               for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 4),
-                                        (256, 128, 64, 8, 3), (128, 256, 32, 8, 4), (128, 128, 64, 8, 4)]
-               if bk <= max(16, d)],
-              lambda cfg: K.forward(staged, True, False, False, cfg=cfg),
+              configs, lambda cfg: K.forward(staged, True, False, False, cfg=cfg),
               lambda a, b: (a.lse - b.lse).abs().max().item(), floor / 4)
 
     table = K.forward(staged, True, False, True).lse  # two directions: the backward's (2P, N) statistics
     coef = torch.full((len(PAIRS),), 1.0 / (len(PAIRS) * 2 * n), device="cuda")  # mean over pairs, both ways
     if "panel" in sections:
-        sweep("backward panels: BM BN BK warps stages rows -> ms, x(the floor), max|ddx|/max|dx|",
-              [(f"{bm:4d} {bn:4d} {bk:4d} {w:2d} {s:2d} {rows}",
-                (dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(bk, max(16, d)), num_warps=w, num_stages=s), rows))
-               for bm, bn, bk, w, s, rows in [(128, 128, 64, 8, 3, None), (128, 128, 64, 4, 3, None),
-                                              (128, 256, 64, 8, 3, None), (64, 128, 64, 4, 3, None),
-                                              (256, 128, 64, 8, 3, None), (128, 128, 64, 8, 3, 1024),
-                                              (128, 128, 64, 8, 3, 8192)]],
+        sweep("backward panels: BM BN BK warps stages (maxnreg) rows -> ms, x(the floor), max|ddx|/max|dx|",
+              [(f"{label} {rows}", (cfg, rows)) for label, cfg in configs for rows in (None, 1024)],
               lambda c: K.backward(staged, table, coef, True, False, cfg=c[0], panel_rows=c[1])[0],
               rel, floor)
 

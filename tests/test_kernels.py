@@ -164,7 +164,8 @@ def test_autotune_candidates():
     # the launch's flags select the offer: a mask or the sigmoid objective makes a forward heavy
     flags = dict(INPUT_PRECISION="ieee", SIGMOID=False, HAS_MASK=True)
     assert K.offered_for("fwd", 10, 2, flags) == K.offered("fwd", 10, "16-bit", True)
-    assert K.offered_for("panel", 10, 4, dict(flags, INPUT_PRECISION="tf32x3")) == K.offered("panel", 10, "tf32x3", False)
+    fp32 = dict(flags, INPUT_PRECISION="tf32x3")
+    assert K.offered_for("panel", 10, 4, fp32) == K.offered("panel", 10, "tf32x3", False)
 
     configs = K.offered("fwd", 9, "16-bit", False)
     # bf16 at the goal shape: every candidate is timed, with its own pipeline depth
