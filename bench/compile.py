@@ -50,6 +50,7 @@ class Arch:
     shared_per_block: int  # the most shared memory one block may opt in to
     shared_per_sm: int
     mma: str  # the SASS mnemonic prefix of its tensor-core instructions as Triton uses them
+    tmem_columns: int = 0  # tensor memory per SM (Blackwell), in 32-bit columns of 128 lanes
     registers_per_sm: int = 65536
     max_warps_per_sm: int = 64
     max_blocks_per_sm: int = 32
@@ -58,7 +59,7 @@ class Arch:
 ARCHES = {
     "sm_80": Arch("sm_80", 80, "A100", 163 * 1024, 164 * 1024, "HMMA"),
     "sm_90a": Arch("sm_90a", 90, "H100", 227 * 1024, 228 * 1024, "HGMMA"),
-    "sm_100a": Arch("sm_100a", 100, "B200", 227 * 1024, 228 * 1024, "UTC"),  # tcgen05: UTCHMMA, UTCQMMA, ...
+    "sm_100a": Arch("sm_100a", 100, "B200", 227 * 1024, 228 * 1024, "UTC", 512),  # tcgen05: UTCHMMA, UTCQMMA, ...
 }
 DOT_KERNELS = ("fwd_kernel", "grad_panel_kernel")  # the kernels with a tl.dot
 
@@ -145,14 +146,18 @@ def _resources(kernel, ptxas_log: str, arch: Arch) -> dict:
     ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
     return dict(
         registers=regs, spill_stores=int(spills[-1][0]), spill_loads=int(spills[-1][1]),
-        stack=int(stack[-1]) if stack else 0, shared=shared, tmem=int(getattr(kernel.metadata, "tmem_size", 0) or 0),
+        stack=int(stack[-1]) if stack else 0, shared=shared, tmem=_tmem(kernel),
         mma=_count(sass, r"\b((?:HMMA|HGMMA|UTC\w*MMA|IMMA|QMMA|OMMA)\S*)"),
         mma_ptx=sorted(set(re.findall(r"\b((?:mma\.sync|wgmma\.mma_async|tcgen05\.mma)[\w.:]*)", ptx))),
         ffma=sum(_count(sass, r"\b(FFMA\S*)").values()),
         local_memory_ops=sum(_count(sass, r"\b((?:LDL|STL)\S*)").values()),
         buffers=_buffers(ttgir), loads=_load_kind(ptx),
-        occupancy=occupancy(arch, regs, shared, kernel.metadata.num_warps),
+        occupancy=occupancy(arch, regs, shared, kernel.metadata.num_warps, _tmem(kernel)),
     )
+
+
+def _tmem(kernel) -> int:
+    return int(getattr(kernel.metadata, "tmem_size", 0) or 0)
 
 
 def _sass(cubin: bytes) -> str:
@@ -192,15 +197,18 @@ def _load_kind(ptx: str) -> str:
     return "cp.async" if "cp.async" in ptx else "registers"
 
 
-def occupancy(arch: Arch, registers: int, shared: int, num_warps: int) -> dict:
+def occupancy(arch: Arch, registers: int, shared: int, num_warps: int, tmem: int = 0) -> dict:
     """Resident blocks and warps per SM: registers are allocated per warp in units of 256, shared memory per
-    block with 1 KiB reserved by the system."""
+    block with 1 KiB reserved by the system, tensor memory (Blackwell) in the columns a block allocates."""
     per_warp = -(-registers * 32 // 256) * 256
-    by_registers = (arch.registers_per_sm // per_warp) // num_warps if per_warp else arch.max_blocks_per_sm
-    by_shared = arch.shared_per_sm // (shared + 1024)
-    by_warps = arch.max_warps_per_sm // num_warps
-    blocks = min(by_registers, by_shared, by_warps, arch.max_blocks_per_sm)
-    limit = min(("registers", by_registers), ("shared memory", by_shared), ("warps", by_warps), key=lambda x: x[1])[0]
+    limits = {
+        "registers": (arch.registers_per_sm // per_warp) // num_warps if per_warp else arch.max_blocks_per_sm,
+        "shared memory": arch.shared_per_sm // (shared + 1024),
+        "warps": arch.max_warps_per_sm // num_warps,
+        "tensor memory": arch.tmem_columns // tmem if tmem else arch.max_blocks_per_sm,
+    }
+    limit = min(limits, key=limits.get)
+    blocks = min(limits[limit], arch.max_blocks_per_sm)
     return dict(blocks=blocks, warps=blocks * num_warps, percent=round(100 * blocks * num_warps
                                                                       / arch.max_warps_per_sm, 1), limit=limit)
 

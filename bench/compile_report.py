@@ -80,8 +80,8 @@ def markdown(data: dict) -> str:
     out += ["", "## Per kernel, precision and configuration", "",
             "Ranges over the flag variants (mask, statistics, temperature kinds, objective, ...).", "",
             "| arch | kernel | precision | tiles | variants | registers | spill bytes (max) | MMA per variant "
-            "| buffers | loads | occupancy (warps/SM) | shared KiB | compile s (median) |",
-            "|---|---|---|---|---:|---|---:|---|---:|---|---|---:|---:|"]
+            "| buffers | loads | occupancy (warps/SM) | shared KiB | TMEM columns | compile s (median) |",
+            "|---|---|---|---|---:|---|---:|---|---:|---|---|---:|---:|---:|"]
     groups = collections.defaultdict(list)
     for r in rows(data):
         if r["ok"]:
@@ -96,7 +96,7 @@ def markdown(data: dict) -> str:
             f"| {arch} | {kernel.removesuffix('_kernel')} | {precision} | {tiles} | {len(rs)} | "
             f"{regs[0]}-{regs[-1]} | {max(_spills(r) for r in rs)} | {mma_text} | "
             f"{max(r['buffers'] for r in rs)} | {'/'.join(sorted({r['loads'] for r in rs}))} | "
-            f"{occ[0]}-{occ[-1]} | {max(r['shared'] for r in rs) / 1024:.0f} | "
+            f"{occ[0]}-{occ[-1]} | {max(r['shared'] for r in rs) / 1024:.0f} | {max(r['tmem'] for r in rs)} | "
             f"{statistics.median(r['compile_s'] for r in rs):.2f} |")
     out += _spill_list(data) + _failures(data) + _cold_start(data)
     return "\n".join(out) + "\n"
