@@ -1,7 +1,7 @@
 """What a GPU compiler makes of every Triton kernel, without a GPU: the compile report.
 
     python -m bench.compile [--subset full|ci] [--arch sm_80 sm_90a sm_100a] [--jobs 2] [--out bench/results]
-                            [--json PATH]
+                            [--json PATH [--with-cases]]
 
 Every launch the host code makes (captured from the real launchers: bench/launches.py) is compiled at every
 tile configuration the autotuner and its pruning can pick, for A100 (sm_80), H100 (sm_90a) and B200
@@ -312,7 +312,7 @@ def _meta(subset: str, arches, jobs: int, num_variants: int, seconds: float) -> 
     return dict(date=datetime.date.today().isoformat(), commit=commit, fastpair=fastpair.__version__,
                 triton=triton.__version__, torch=torch.__version__, subset=subset, arches=list(arches),
                 variants=num_variants, workers=jobs, seconds=round(seconds, 1),
-                arch_info={a: dict(gpu=ARCHES[a].gpu, shared_per_block=ARCHES[a].shared_per_block)
+                arch_info={a: dict(gpu=ARCHES[a].gpu, shared_per_block=ARCHES[a].shared_per_block, mma=ARCHES[a].mma)
                            for a in arches})
 
 

@@ -29,8 +29,9 @@ def _spills(r: dict) -> int:
     return r.get("spill_stores", 0) + r.get("spill_loads", 0)
 
 
-def _mma_count(r: dict) -> int:
-    return sum(r.get("mma", {}).values())
+def _mma_count(r: dict, prefix: str = "") -> int:
+    """Tensor-core instructions of a compilation (of the arch's kind, with its SASS prefix)."""
+    return sum(n for op, n in r.get("mma", {}).items() if op.startswith(prefix))
 
 
 def tallies(data: dict) -> dict:
@@ -45,7 +46,7 @@ def tallies(data: dict) -> dict:
         out[arch] = dict(
             gpu=info["gpu"], compilations=len(rs), failures=len(rs) - len(ok),
             spilling=sum(1 for r in ok if _spills(r)), max_spill=max((_spills(r) for r in ok), default=0),
-            without_mma=sum(1 for r in dots if not _mma_count(r)),
+            without_mma=sum(1 for r in dots if not _mma_count(r, info.get("mma", ""))),
             over_shared=sum(1 for r in ok if r["shared"] > info["shared_per_block"]),
             unlaunchable=sum(1 for r in ok if r["occupancy"]["blocks"] < 1),
         )

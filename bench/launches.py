@@ -5,9 +5,9 @@ kernels replaced by recorders: a launch is recorded (kernel, argument types and 
 its outputs zero-filled instead of computed. The host logic is the real one: the launchers pick the dtypes,
 flags (HAS_MASK, BOUNDED, STATS, NEEDS_DT, ...), the input precision and, for the input-gradient kernel, the
 tiles, exactly as they do on a GPU. What a capture cannot see, the autotuner's choice, is enumerated in
-`configs`: the candidates tuning.keep leaves for an architecture's shared memory at every N bucket
-(1 .. 2^20). N is never specialized (do_not_specialize), so a capture at a small N stands for every N; D
-is (the row stride's divisibility by 16, the D bucket's BLOCK_K), so cases name their D.
+`configs`: the candidates the autotuner's pruning leaves for an architecture at every N bucket (1 .. 2^20).
+N is never specialized (do_not_specialize), so a capture at a small N stands for every N; D is, through the
+D bucket (BLOCK_K) and the input gradient's row length, so cases name their D.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ class Case:
 GRID = dict(objective=("nce", "sigmoid"), dtype=("bfloat16", "float16", "float32"), fp32=("none", "tf32", "ieee"),
             temperature=("number", "large", "tensor", "learned"), normalize=(True, False), mask=(False, True),
             stats=(False, True), deterministic=(False, True), ids=(False, True))
-# Every D from 64 up compiles alike (BLOCK_K = 64 and a row stride divisible by 16): the grid runs at D = 512,
-# and these the plain and the learned-temperature calls at other D, 100 being no multiple of 16.
+# Every D from 64 up compiles the tiled kernels alike (BLOCK_K = 64, rows padded to 16 elements): the grid runs
+# at D = 512, and these the plain and the learned-temperature calls at other D, 100 being no multiple of 16.
 OTHER_D = (64, 100, 1024)
 
 
