@@ -11,13 +11,23 @@ TORCH ?= torch==2.13.0
 OPEN_CLIP ?= open_clip_torch==3.3.0
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# The editable install is "strict": the package as a tree of links on sys.path, so that `import fastpair` finds
+# it even where the working directory holds another folder named fastpair (a clone, seen from the folder above
+# it), which the default mode's import hook lets shadow the package. Each file is linked, so a file added to
+# the package needs a new link tree: the install depends on the list of the package's files.
+PACKAGE_FILES := $(sort $(wildcard fastpair/*.py fastpair/py.typed kernels/*.py training/*.py))
+FILE_LIST := $(VENV)/.package-files
 
-.PHONY: venv test dist-check train bench bench-quick lint gpu-compile gpu-check clean
+.PHONY: venv test dist-check train bench bench-quick lint gpu-compile gpu-check clean FORCE
 
-$(STAMP): pyproject.toml Makefile
+$(FILE_LIST): FORCE
+	@mkdir -p $(VENV)
+	@echo "$(PACKAGE_FILES)" | cmp -s - $@ || echo "$(PACKAGE_FILES)" > $@
+
+$(STAMP): pyproject.toml Makefile $(FILE_LIST)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[dev,bench,train]"
+	$(PIP) -e ".[dev,bench,train]" --config-settings editable_mode=strict
 	$(PIP) --no-deps "$(OPEN_CLIP)"
 	@touch $@
 
