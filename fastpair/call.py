@@ -10,6 +10,8 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -193,10 +195,32 @@ def check_embeddings(embeddings) -> None:
         raise ValueError("the embedding dimension is 0 (D = 0); pairwise_nce needs D >= 1")
 
 
+# A temperature above this is a logit scale passed by mistake: published contrastive temperatures lie in
+# [0.01, 1] (CLIP starts at 0.07 and clamps at 0.01, SigLIP starts at 0.1, SimCLR and MoCo use 0.07-0.5),
+# while CLIP's logit scale exp(logit_scale) is 14.3 at initialization and up to 100, SigLIP's 10. At t > 5 the
+# logits of unit vectors span less than e^0.4 from best to worst: a near-uniform softmax that cannot learn.
+LOGIT_SCALE_LIKE = 5.0
+_warned = {"logit scale": False}
+
+
 def check_temperatures(temps) -> None:
     for t in temps:
         if not (math.isfinite(t) and t > 0):
             raise ValueError(f"temperature must be finite and > 0, got {temps if len(set(temps)) > 1 else t}")
+    if max(temps) > LOGIT_SCALE_LIKE and not _warned["logit scale"]:
+        _warned["logit scale"] = True
+        warnings.warn(f"temperature {max(temps):g} looks like a logit scale: fastpair takes the temperature "
+                      f"t = 1 / logit_scale (open_clip's logit_scale.exp() of 14.3 is t = 0.07, of 100 is t = 0.01); "
+                      f"at t > {LOGIT_SCALE_LIKE:g} the softmax over unit vectors is nearly uniform (warned once)",
+                      UserWarning, stacklevel=_outside_fastpair())
+
+
+def _outside_fastpair() -> int:
+    """The warnings stacklevel of the innermost caller outside the fastpair package, for its caller."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("fastpair"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def check_biases(biases) -> None:

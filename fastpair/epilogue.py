@@ -58,11 +58,15 @@ def finish(call: Call, n: int, lse_row, lse_col, target, hits=None, unit: float 
         valid = pair_valid(call.mask, call.pairs)
         terms = _valid_rows(call, n, terms, valid)
         counts = valid.sum(dim=1).to(dtype)
+        if directions == 2:  # InfoNCE: a pair with one valid sample is exactly 0 (see _unmasked)
+            terms = terms * (counts[:, None] != 1)  # a product, so that a NaN input stays visible
         local = terms.sum(dim=1) / (directions * counts.clamp_min(1.0))
         weights = constant(call.weights, dtype, str(device)) * (counts > 0)
         total = weights.sum().clamp_min(torch.finfo(dtype).tiny)
         loss = call.world * (weights * local).sum() / total
         coef = call.world * weights / (total * directions * counts.clamp_min(1.0))
+        if directions == 2:
+            coef = torch.where(counts == 1, torch.zeros_like(coef), coef)
 
     if hits is None:  # without return_stats the accuracy is never read: a placeholder, no fill
         accuracy = torch.empty(len(call.pairs), 2, dtype=torch.float32, device=device)
@@ -76,9 +80,15 @@ def finish(call: Call, n: int, lse_row, lse_col, target, hits=None, unit: float 
 
 def _unmasked(call: Call, n: int, terms: torch.Tensor, directions: int):
     """(local, loss, coef) without a mask: every n_k is the batch's N > 0, so w' = w and the weights'
-    factors are host numbers: a cached table (coef) and scalars, no kernels for them on the device."""
+    factors are host numbers: a cached table (coef) and scalars, no kernels for them on the device.
+    InfoNCE with N = 1: a sample's only candidate is its positive, so every term and dL/dS are exactly 0
+    (computed, logsumexp_j S_ij - S_ii leaves a rounding residue of about 1e-7)."""
     total = sum(call.weights)  # > 0: fastpair.call checks that not every weight is 0
     dtype, device = terms.dtype, str(terms.device)
+    if n == 1 and directions == 2:
+        terms = terms * 0.0  # a product, so that a NaN input stays visible
+        zero = constant((0.0,) * len(call.weights), dtype, device)
+        return terms.sum(dim=1), (zero * terms.sum(dim=1)).sum(), zero
     local = terms.sum(dim=1) / float(directions * n)
     loss = (constant(tuple(call.world * w / total for w in call.weights), dtype, device) * local).sum()
     coef = constant(tuple(call.world * w / (total * directions * n) for w in call.weights), dtype, device)

@@ -35,11 +35,13 @@ def pairwise_nce(
     Args:
         *embeddings: M >= 2 tensors of shape (N, D), one per modality (e.g. text, audio, vision), same
             N, D, dtype (float32, float16, bfloat16 or float64) and device; any strides.
-        temperature: float, 0-d tensor, or 1-d tensor with one entry per pair (P pairs), finite and > 0. A
-            tensor that requires grad receives dL/dt (learnable shared or per-pair temperature). Numbers
-            are checked here (ValueError); a tensor's values are read on the host only by the torch
-            backend, which checks them too: the Triton path never reads them (that would sync with the
-            GPU every step) and returns a NaN loss for invalid ones.
+        temperature: float, 0-d tensor, or 1-d tensor with one entry per pair (P pairs), finite and > 0:
+            t = 1 / logit_scale (open_clip's ``logit_scale.exp()`` of 14.3 at initialization is t = 0.07;
+            a temperature above 5, which can only be a logit scale, is warned about once). A tensor that
+            requires grad receives dL/dt (learnable shared or per-pair temperature). Numbers are checked
+            here (ValueError); a tensor's values are read on the host only by the torch backend, which
+            checks them too: the Triton path never reads them (that would sync with the GPU every step)
+            and returns a NaN loss for invalid ones.
         weights: optional sequence (or 1-d tensor) of P non-negative numbers, not all zero.
         mask: optional bool tensor (M, N); ``mask[m, i] = False`` marks modality m of sample i as missing:
             it takes part in no pair and gets a zero gradient.
@@ -74,6 +76,9 @@ def pairwise_nce(
         L_pq = (sum_{i in V} l_i + sum_{j in V} l'_j) / (2n)
         loss = sum_pq w_pq L_pq / sum_pq w_pq      (over pairs with n > 0; 0 if there is none)
 
+    For M = 2 this is open_clip's ``ClipLoss`` on normalized features with ``logit_scale = 1/t``. A pair
+    with a single valid sample contributes exactly 0 (its only candidate is its positive).
+
     Returns:
         The loss, a 0-d tensor: float64 for float64 inputs, float32 otherwise; or (loss, stats).
     """
@@ -100,8 +105,9 @@ def pairwise_sigmoid(
 
     Arguments as :func:`pairwise_nce` (without ``label_smoothing``), and
 
-        bias: float, 0-d tensor, or 1-d tensor with one entry per pair: b, finite. A tensor that requires
-            grad receives dL/db (learnable, shared or per pair). SigLIP initializes t = 0.1, b = -10.
+        bias: float, 0-d tensor, or 1-d tensor with one entry per pair: b, finite (open_clip's
+            ``logit_bias``; the temperature is t = 1 / ``logit_scale.exp()``). A tensor that requires grad
+            receives dL/db (learnable, shared or per pair). SigLIP initializes t = 0.1, b = -10.
             Checked as the temperature is (a NaN loss on the Triton path for an invalid tensor).
 
     For pair (p, q) over its valid samples V (n = |V|), with x, y the normalized z_p, z_q,
@@ -129,6 +135,8 @@ def _run(embeddings, group, return_stats: bool, arguments: dict):
         call, error = None, err
     if world > 1:  # every rank learns whether every rank's input is valid before any rank waits in a collective
         embeddings, call = distributed.gather_call(group, embeddings, call, error)
+    if embeddings[0].device.type == "meta":
+        return _shapes_only(embeddings, call, return_stats)
 
     if call.objective == "sigmoid":
         loss, pair_losses, accuracy = _sigmoid(embeddings, call)
@@ -141,6 +149,21 @@ def _run(embeddings, group, return_stats: bool, arguments: dict):
     if return_stats:
         return loss, {"pair_losses": pair_losses, "pair_accuracy": accuracy}
     return loss
+
+
+def _shapes_only(embeddings, call, return_stats: bool):
+    """Meta tensors have shapes and no values (shape propagation and FLOP counting, as PyTorch's own losses
+    allow them): a meta loss of the result's dtype, connected to the inputs and the parameter tensors for
+    autograd, and meta statistics of their shapes."""
+    dtype = torch.float64 if embeddings[0].dtype == torch.float64 else torch.float32
+    leaves = list(embeddings) + [p.tensor for p in (call.temperature, call.bias) if p is not None and
+                                 p.tensor is not None and p.tensor.device.type == "meta"]
+    loss = sum(x.sum().to(dtype) for x in leaves) * 0.0
+    if not return_stats:
+        return loss
+    num_pairs = len(call.pairs)
+    empty = dict(dtype=torch.float32, device="meta")
+    return loss, {"pair_losses": torch.empty(num_pairs, **empty), "pair_accuracy": torch.empty(num_pairs, 2, **empty)}
 
 
 def _sigmoid(embeddings, call):

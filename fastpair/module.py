@@ -73,6 +73,21 @@ class _PairwiseLoss(nn.Module):
         group: ProcessGroup | None = None,
         return_stats: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of these embeddings with the module's parameters.
+
+        Args:
+            *embeddings: ``num_modalities`` tensors (N, D), one per modality, in the order the pairs index.
+            mask: optional bool (M, N); False where modality m of sample i is missing.
+            ids: optional int32/int64 (N,); samples with equal ids are positives of each other.
+            group: a torch.distributed process group: negatives from every rank (see :func:`pairwise_nce`).
+            return_stats: also return ``{"pair_losses": (P,), "pair_accuracy": (P, 2)}``.
+
+        Returns:
+            The 0-d loss, or ``(loss, stats)``.
+        """
+        if len(embeddings) != self.num_modalities:
+            raise ValueError(f"{type(self).__name__}(num_modalities={self.num_modalities}) takes "
+                             f"{self.num_modalities} embeddings, one per modality, got {len(embeddings)}")
         return self._loss(*embeddings, temperature=self.temperature, weights=self.weights, mask=mask,
                           normalize=self.normalize, pairs=self.pairs, ids=ids, backend=self.backend, group=group,
                           return_stats=return_stats, **self._arguments())
@@ -89,7 +104,35 @@ class _PairwiseLoss(nn.Module):
 
 
 class PairwiseNCE(_PairwiseLoss):
-    """Holds log(t) and calls :func:`fastpair.pairwise_nce` (per_pair_temperature: one t per pair)."""
+    """:func:`fastpair.pairwise_nce` with a learnable temperature, as an ``nn.Module``.
+
+    The module holds ``log_temperature`` (a parameter, or a buffer when not learned); the temperature is
+    ``t = exp(log_temperature)``, clamped to ``t >= 1 / max_logit_scale`` as CLIP clamps its logit scale.
+    open_clip's ``ClipLoss`` with ``logit_scale`` corresponds to ``t = 1 / logit_scale.exp()``: its
+    initialization ``log(1 / 0.07)`` is ``temperature=0.07`` here, its clamp at 100 is ``max_logit_scale=100``.
+
+    Args:
+        num_modalities: M >= 2, the number of embeddings ``forward`` takes.
+        temperature: the initial t > 0 (a number; 0.07 as CLIP). A value above 5 is warned about once: it
+            is likely a logit scale, whose inverse is meant.
+        learn_temperature: learn t (a parameter); False keeps it fixed (a buffer, saved with the module).
+        per_pair_temperature: one t per pair instead of one shared.
+        weights: optional non-negative weight per pair (not all zero); the loss is the weighted mean.
+        max_logit_scale: the largest 1/t the clamp allows (CLIP: 100).
+        normalize: L2-normalize the embeddings first (cosine similarities), as CLIP does.
+        pairs: the contrasted pairs (p, q) (default: every pair, ``itertools.combinations(range(M), 2)``).
+        label_smoothing: eps in [0, 1), as ``F.cross_entropy(label_smoothing=eps)``.
+        backend: "auto", "torch" or "triton" (see :func:`fastpair.pairwise_nce`).
+
+    Under DistributedDataParallel keep the module inside the wrapped model (or all-reduce its gradients) so
+    that every rank holds the same temperature.
+
+    Example::
+
+        loss_fn = PairwiseNCE(3)            # text, audio, vision; learnable t from 0.07
+        loss = loss_fn(text, audio, vision)  # each (N, D)
+        loss.backward()
+    """
 
     _loss = staticmethod(pairwise_nce)
 
@@ -115,8 +158,26 @@ class PairwiseNCE(_PairwiseLoss):
 
 
 class PairwiseSigmoid(_PairwiseLoss):
-    """Holds log(t) and b and calls :func:`fastpair.pairwise_sigmoid` (SigLIP's initialization: 1/t = 10,
-    b = -10); per_pair makes t and b one per pair."""
+    """:func:`fastpair.pairwise_sigmoid` with a learnable temperature and bias, as an ``nn.Module``.
+
+    The module holds ``log_temperature`` and ``bias`` (parameters, or buffers when not learned); ``t =
+    exp(log_temperature)`` is clamped to ``t >= 1 / max_logit_scale``. open_clip's ``SigLipLoss`` with
+    ``logit_scale`` and ``logit_bias`` corresponds to ``t = 1 / logit_scale.exp()`` and ``bias =
+    logit_bias``: SigLIP's initialization (``logit_scale = log 10``, ``logit_bias = -10``) is the default here.
+
+    Args:
+        num_modalities: M >= 2, the number of embeddings ``forward`` takes.
+        temperature: the initial t > 0 (0.1 as SigLIP). A value above 5 is warned about once (a logit scale?).
+        bias: the initial b, finite (-10 as SigLIP).
+        learn_temperature: learn t (a parameter); False keeps it fixed (a buffer).
+        learn_bias: learn b (a parameter); False keeps it fixed (a buffer).
+        per_pair: one t and one b per pair instead of one shared.
+        weights: optional non-negative weight per pair (not all zero); the loss is the weighted mean.
+        max_logit_scale: the largest 1/t the clamp allows.
+        normalize: L2-normalize the embeddings first, as SigLIP does.
+        pairs: the contrasted pairs (p, q) (default: every pair).
+        backend: "auto", "torch" or "triton" (see :func:`fastpair.pairwise_sigmoid`).
+    """
 
     _loss = staticmethod(pairwise_sigmoid)
 

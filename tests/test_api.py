@@ -147,3 +147,77 @@ def test_module_fixed_temperature_is_a_buffer():
 def test_module_bad_arguments(kwargs, error):
     with pytest.raises(error):
         PairwiseNCE(**kwargs)
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_module_takes_exactly_num_modalities_embeddings(count):
+    """Before: 4 embeddings silently dropped the 4th (zero gradient), 2 blamed a pair list nobody passed."""
+    module = PairwiseNCE(3)
+    with pytest.raises(ValueError, match=r"PairwiseNCE\(num_modalities=3\) takes 3 embeddings.*got " + str(count)):
+        module(*make_embeddings(count, 8, 4))
+
+
+@pytest.mark.parametrize("cls", ["PairwiseNCE", "PairwiseSigmoid"])
+def test_modules_document_every_argument(cls):
+    """help() shows what each constructor and forward argument means, and the logit-scale correspondence."""
+    import inspect
+
+    import fastpair
+
+    module = getattr(fastpair, cls)
+    for name in list(inspect.signature(module.__init__).parameters)[1:]:
+        assert f"{name}:" in module.__doc__, f"{cls} does not document {name}"
+    for name in list(inspect.signature(module.forward).parameters)[1:]:
+        assert name in module.forward.__doc__, f"{cls}.forward does not document {name}"
+    assert "logit_scale" in module.__doc__
+
+
+def test_a_logit_scale_passed_as_temperature_warns_once(monkeypatch):
+    """CLIP's logit scale (14.3 at initialization) passed as t gives a near-uniform loss: say so, once."""
+    from fastpair import call
+
+    monkeypatch.setitem(call._warned, "logit scale", False)
+    with pytest.warns(UserWarning, match="looks like a logit scale.*t = 1 / logit_scale") as record:
+        pairwise_nce(*Z, temperature=14.3)
+    assert record[0].filename == __file__  # it points at the caller's line
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pairwise_nce(*Z, temperature=14.3)  # once only
+        pairwise_nce(*Z, temperature=1.0)  # a plausible temperature is quiet
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_one_sample_gives_exactly_zero(backend, learnable):
+    """N = 1 (or a pair with one valid sample): the only candidate is the positive, so the loss and every
+    gradient are exactly 0 (before: -2.4e-7, the rounding of logsumexp - S_ii)."""
+    from helpers import on
+
+    zs = on(make_embeddings(3, 1, 16, seed=3), backend)
+    t = torch.tensor(0.05, device=zs[0].device, requires_grad=True) if learnable else 0.05
+    loss = pairwise_nce(*zs, temperature=t, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and all(torch.count_nonzero(z.grad) == 0 for z in zs)
+    if learnable:
+        assert t.grad.item() == 0.0
+    zs = on(make_embeddings(3, 6, 16, seed=4), backend)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 1:] = False  # modality 1 present in sample 0 only: pairs (0, 1) and (1, 2) have one sample
+    _, stats = pairwise_nce(*zs, mask=mask.to(zs[0].device), backend=backend, return_stats=True)
+    assert stats["pair_losses"][0].item() == 0.0 and stats["pair_losses"][2].item() == 0.0
+    assert stats["pair_losses"][1].item() > 0
+
+
+def test_meta_tensors_propagate_shapes():
+    """Meta tensors (shape propagation, FLOP counting) give a meta loss and meta statistics of the right
+    shapes, and a backward that reaches the inputs (before: an error inside torch.amp)."""
+    zs = [torch.empty(5, 8, device="meta", requires_grad=True) for _ in range(3)]
+    loss, stats = pairwise_nce(*zs, return_stats=True)
+    assert loss.device.type == "meta" and loss.shape == () and loss.dtype == torch.float32
+    assert stats["pair_losses"].shape == (3,) and stats["pair_accuracy"].shape == (3, 2)
+    loss.backward()
+    assert all(z.grad.shape == (5, 8) and z.grad.device.type == "meta" for z in zs)
+    from fastpair import pairwise_sigmoid
+
+    assert pairwise_sigmoid(*[z.detach().double() for z in zs]).dtype == torch.float64
