@@ -194,6 +194,16 @@ def test_pickle_named_npz_is_read_as_pickle(tmp_path):
     assert data.load(_dump(tmp_path / "data.npz", raw)).name == "iemocap"
 
 
+def test_a_text_file_named_npz_is_not_a_valid_npz(tmp_path):
+    """Neither a zip nor a pickle, named .npz: said to be no .npz, not a "truncated pickle" the user never wrote."""
+    (tmp_path / "notes.npz").write_text("hello, not an archive\n")
+    with pytest.raises(DataError) as info:
+        data.load(str(tmp_path / "notes.npz"))
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path / 'notes.npz'}: not a valid .npz (zip) file") and "b'hello, n'" in message
+    assert "pickle (" not in message and "\n" not in message
+
+
 # --------------------------------------------------------------------------------------------- standardization
 
 def test_standardization(tmp_path):

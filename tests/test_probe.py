@@ -275,6 +275,20 @@ def test_write_results_round_trip(tmp_path, result_rows):
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.png"]  # no temporary files left
 
 
+def test_write_results_meta_and_fit_callback(tmp_path):
+    """``meta``: more keys of results.json, between task and rows; ``on_fit``: called after each subset's fit."""
+    features, labels = synthetic("multiclass", d=8)
+    seen = []
+    rows = P.probe(features, labels, "multiclass", CLASSES, on_fit=seen.append)
+    assert seen == P.SUBSETS
+    rows = [{"encoder": "pairwise_nce", **r} for r in rows]
+    P.write_results(tmp_path, "npz", "multiclass", rows, meta={"config": {"epochs": 2}, "device": "cpu"})
+    assert list(json.loads((tmp_path / "results.json").read_text())) == ["dataset", "task", "config", "device",
+                                                                          "rows"]
+    with pytest.raises(ValueError, match="meta cannot replace"):
+        P.write_results(tmp_path, "npz", "multiclass", rows, meta={"rows": []})
+
+
 def test_write_results_regression_plot(tmp_path):
     features, labels = synthetic("regression", d=8)
     rows = [{"encoder": "pairwise_nce", **r} for r in P.probe(features, labels, "regression", None)]

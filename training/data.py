@@ -9,7 +9,8 @@ mask (N,) (True = present).
 
 File formats. A file is opened in binary and told apart by its magic bytes (a zip, "PK", is an .npz; anything
 else is read as a pickle); the layout is then recognized from its keys and array shapes, never from the file
-name, and every shape is read from the file. Each file holds the splits "train", "valid", "test".
+name, and every shape is read from the file. Each file holds the splits "train", "valid", "test". The name
+only shapes an error: a file named .npz that is neither a zip nor a pickle is "not a valid .npz (zip) file".
 
 - MulT pickles (Tsai et al. 2019: iemocap_data.pkl, mosi_data.pkl, mosei_senti_data.pkl): each split is a dict
   with "text" (N, T, 300), "audio" (N, T, 74), "vision" (N, T, 35), "labels" and maybe "id".
@@ -169,9 +170,9 @@ def _read(path: Path) -> tuple[object, str]:
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     with f:
-        magic = f.read(2)
+        head = f.read(8)
         f.seek(0)
-        if magic == b"PK":
+        if head[:2] == b"PK":
             try:
                 with np.load(f, allow_pickle=False) as z:
                     flat = {k: z[k] for k in z.files}
@@ -187,6 +188,9 @@ def _read(path: Path) -> tuple[object, str]:
         except DataError:
             raise
         except Exception as e:  # UnpicklingError, EOFError, ValueError, ...: whatever a bad byte stream raises
+            if path.suffix.lower() == ".npz":  # meant as an .npz (a pickle named so was read above): say why not
+                raise DataError(f"{path}: not a valid .npz (zip) file: an .npz is a zip archive, which starts with "
+                                f"b'PK', this file with {head!r} (nor is it a readable pickle)") from None
             raise DataError(f"{path}: not a supported file: unreadable or truncated pickle ({_one_line(e)}); "
                             f"supported: {LAYOUTS}") from None
 

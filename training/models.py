@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from .names import ENCODER_KINDS
+
 MAX_STEPS = 1024  # the Transformer's table of positions: the longest sequence it takes
 
 
@@ -119,7 +121,7 @@ class MLPEncoder(nn.Module):
         return self.out(self.body(x))
 
 
-ENCODERS = {"transformer": TextEncoder, "tcn": TCNEncoder, "gru": GRUEncoder, "mlp": MLPEncoder}
+ENCODERS = dict(zip(ENCODER_KINDS, (TextEncoder, TCNEncoder, GRUEncoder, MLPEncoder)))
 SEQUENCE_ONLY = ("transformer", "tcn", "gru")
 PAPER = {"text": "transformer", "audio": "tcn", "vision": "gru"}  # the paper's encoder per MER modality
 
@@ -157,6 +159,17 @@ class MultimodalEncoder(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.heads[m](self.drop(f)) for m, f in self.features(batch).items()}
+
+
+def input_features(state: dict[str, torch.Tensor], prefix: str = "encoder.encoders.") -> dict[str, int]:
+    """{modality: F_m} that the encoders of a state dict (keys ``prefix + modality + ...``, an objective's by
+    default) were built for, in their order: each encoder's first weight matrix (the Transformer's and the
+    TCN's input projection, the GRU's first input weights, the MLP's first layer) takes F_m on its axis 1."""
+    found: dict[str, int] = {}
+    for key, value in state.items():
+        if key.startswith(prefix) and value.ndim >= 2:
+            found.setdefault(key[len(prefix):].split(".")[0], int(value.shape[1]))
+    return found
 
 
 def present(batch: dict[str, torch.Tensor], modalities) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The names the training kit shares: the MER modalities of the published files and the synthetic set (in the
 order of the loss's pairs: text-audio, text-vision, audio-vision), the splits, the keys of a data file that
-are not modalities, and IEMOCAP's four emotion classes."""
+are not modalities, IEMOCAP's four emotion classes, and the encoder kinds of ``--encoder``. Torch-free: the
+command lines read these before they import torch."""
 
 import re
 
@@ -10,6 +11,7 @@ LABEL_KEYS = ("labels", "regression_labels")
 RESERVED = (*LABEL_KEYS, "id", "y")  # never a modality's name; nor "{name}_lengths" or "{name}_mask"
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")  # a modality: a Python identifier without "-", ",", "=" or ":"
 IEMOCAP_CLASSES = ["neutral", "happy", "sad", "angry"]
+ENCODER_KINDS = ("transformer", "tcn", "gru", "mlp")  # models.ENCODERS' keys, in this order
 
 
 def modality_name_error(name: str) -> str | None:

@@ -265,7 +265,7 @@ def _fit_select(x, y, task: str, seed: int):
 
 
 def probe(features: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarray], task: str,
-          classes: list[str] | None, dataset: str = "", seed: int = 0) -> list[dict]:
+          classes: list[str] | None, dataset: str = "", seed: int = 0, on_fit=None) -> list[dict]:
     """Linear fusion probe on frozen features for the modality subsets of ``subsets`` (see the module docstring).
 
     features[split][modality]: (N_split, D_m) float features for splits "train", "valid", "test". The
@@ -273,7 +273,8 @@ def probe(features: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarr
     hold exactly those keys. labels[split]: (N_split,) int class ids in [0, len(classes)) for task "multiclass",
     float scores for "regression". ``dataset == "iemocap"`` adds MulT's per-emotion binary metrics.
     Returns one row per subset, in ``subsets(modalities)`` order: {"modalities": [names], "metrics": {...,
-    "C" | "alpha"}}. ValueError, naming the split and modality, for inputs that do not fit.
+    "C" | "alpha"}}. ValueError, naming the split and modality, for inputs that do not fit. ``on_fit(subset)``,
+    if given, is called after each subset's fit (progress).
     """
     modalities = _check_inputs(features, labels, task, classes)
     y = {s: np.asarray(labels[s]).reshape(-1) for s in SPLITS}
@@ -295,6 +296,8 @@ def probe(features: dict[str, dict[str, np.ndarray]], labels: dict[str, np.ndarr
         else:
             metrics = {**regression_metrics(y["test"], pred), "alpha": chosen}
         rows.append({"modalities": list(subset), "metrics": metrics})
+        if on_fit is not None:
+            on_fit(subset)
     return rows
 
 
@@ -385,12 +388,13 @@ def _plot(path: str, dataset: str, task: str, rows: list[dict]) -> None:
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
-def write_results(out_dir, dataset: str, task: str, rows: list[dict]) -> None:
+def write_results(out_dir, dataset: str, task: str, rows: list[dict], meta: dict | None = None) -> None:
     """Write DIR/results.json and DIR/results.png, each atomically (temporary file + os.replace).
 
     rows: [{"encoder": "pairwise_nce" | "pairwise_sigmoid" | "random_init" | "supervised", "modalities": [...],
     "metrics": {...}}], at least one; "modalities" names the data's modalities in full, any set of them.
-    results.json = {"dataset", "task", "rows": [{"encoder", "modalities", "metrics"}]}; every metric must be a
+    results.json = {"dataset", "task", **meta, "rows": [{"encoder", "modalities", "metrics"}]} (``meta``: more
+    JSON-ready keys, fastpair-train's provenance; it cannot replace those three); every metric must be a
     finite number (ValueError naming the row and metric otherwise; nothing is written then). results.png: a
     grouped bar chart of the headline test metric (accuracy for multiclass, acc2 for regression) per subset, in
     ``subsets`` order of the rows' modalities and labelled by ``subset_label``, one bar per encoder.
@@ -409,8 +413,11 @@ def write_results(out_dir, dataset: str, task: str, rows: list[dict]) -> None:
             raise ValueError(f"write_results: {name} lacks the headline metric {HEADLINE[task]!r}")
         clean.append({"encoder": str(row["encoder"]), "modalities": [str(m) for m in row["modalities"]],
                       "metrics": _finite(row["metrics"], name)})
+    if {"dataset", "task", "rows"} & set(meta or {}):
+        raise ValueError(f"write_results: meta cannot replace 'dataset', 'task' or 'rows', got {sorted(meta)}")
     os.makedirs(out_dir, exist_ok=True)
-    text = json.dumps({"dataset": dataset, "task": task, "rows": clean}, indent=2, allow_nan=False) + "\n"
+    text = json.dumps({"dataset": dataset, "task": task, **(meta or {}), "rows": clean}, indent=2,
+                      allow_nan=False) + "\n"
     atomic_write(os.path.join(out_dir, "results.json"), lambda f: f.write(text.encode()))
     _plot(os.path.join(out_dir, "results.png"), dataset, task, clean)
 

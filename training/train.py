@@ -8,14 +8,14 @@ gradient norm, step, zero the gradients; then evaluate on the valid split, keep 
 lowest so far, log, checkpoint, and stop after ``--patience`` epochs without a better one.
 
 ``python -m fastpair.training.train`` (and so ``torchrun ... -m fastpair.training.train``) is fastpair-train:
-``fastpair.training.experiment`` has the command line and the whole experiment (training, baselines, probe).
+``fastpair.training.cli`` has the command line, ``fastpair.training.experiment`` the whole experiment (training,
+baselines, probe). Progress on stderr: ``fastpair.training.progress``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 
 import torch
@@ -25,6 +25,7 @@ from .checkpoint import TrainState, load_checkpoint, output_folder, restore, sav
 from .config import Config, TrainError
 from .data import to_tensors
 from .objectives import Objective, build
+from .progress import track
 from .runlog import RunLog
 from .views import two_views
 from .world import (
@@ -130,13 +131,14 @@ class Batches:
 
 
 @torch.no_grad()
-def evaluate(model: Objective, tensors, batch_size: int, device) -> dict:
+def evaluate(model: Objective, tensors, batch_size: int, device, progress: bool = False) -> dict:
     """{"loss": the mean loss over fixed batches of the split, and the objective's summary of its statistics
-    averaged the same way}."""
+    averaged the same way}; ``progress``: shown on stderr (``fastpair.training.progress``)."""
     model.eval()
     n = len(tensors["y"])
     total, sums, count = 0.0, {}, 0
-    for start in range(0, n, batch_size):
+    starts = range(0, n, batch_size)
+    for start in track(starts, len(starts), f"[{model.name}] validation", "batches", enabled=progress):
         idx = torch.arange(start, min(n, start + batch_size))
         if len(idx) < 2 and n >= 2:
             continue  # a contrastive batch of one sample carries no negatives
@@ -192,14 +194,13 @@ def fit(cfg: Config, data, objective: str, out_dir: str, resume: bool, log=print
             run_log.open_tensorboard(out_dir)
 
     net, group = distribute(model, device, world, model.unused_parameters)  # what the training step calls
-    from tqdm import tqdm
 
     while state.epoch < cfg.epochs and not state.stopped:
         net.train()
         order = batches.order(state.epoch)
         start, seen, train_loss = time.perf_counter(), 0, 0.0
-        for i in tqdm(range(batches.per_epoch), desc=f"{model.name} epoch {state.epoch + 1}/{cfg.epochs}",
-                      leave=False, disable=None if world.main else True, file=sys.stderr):
+        for i in track(range(batches.per_epoch), batches.per_epoch, f"[{model.name}] epoch {state.epoch + 1}/"
+                       f"{cfg.epochs}", "steps", enabled=world.main):
             lr = learning_rate(cfg, state.step, batches.per_epoch)  # the schedule is per step (warmup, decay)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
@@ -218,7 +219,7 @@ def fit(cfg: Config, data, objective: str, out_dir: str, resume: bool, log=print
         rng = rng_states(device, world)  # every rank's generators, for the checkpoint
 
         # evaluate on rank 0; every rank takes its loss, so every rank takes the same early-stopping decision
-        val = evaluate(model, valid, batches.size, device) if world.main else None
+        val = evaluate(model, valid, batches.size, device, progress=True) if world.main else None
         val_loss = from_rank0(val["loss"] if world.main else None, world)
         state.epoch += 1
         improved = val_loss < state.best
@@ -242,7 +243,7 @@ def fit(cfg: Config, data, objective: str, out_dir: str, resume: bool, log=print
     return model
 
 
-if __name__ == "__main__":  # torchrun -m fastpair.training.train: the command line is the experiment's
-    from .experiment import main
+if __name__ == "__main__":  # torchrun -m fastpair.training.train: fastpair-train's command line
+    from .cli import main
 
     raise SystemExit(main())

@@ -102,6 +102,13 @@ def current_world() -> World:
     return World()
 
 
+def check_device(cfg: Config) -> None:
+    """--device cuda needs a CUDA device: the one check of an option that needs torch (``config`` is
+    torch-free), made on every rank before its process group starts, so every rank prints the same line."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda: no CUDA device is available")
+
+
 def device_of(cfg: Config) -> torch.device:
     """cpu or cuda; under torchrun (process group started) a rank's own GPU, cuda:LOCAL_RANK."""
     if not (cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())):
