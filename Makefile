@@ -18,7 +18,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 PACKAGE_FILES := $(sort $(wildcard fastpair/*.py fastpair/py.typed kernels/*.py training/*.py))
 FILE_LIST := $(VENV)/.package-files
 
-.PHONY: venv test dist-check train bench bench-quick lint gpu-compile gpu-check clean FORCE
+.PHONY: venv test docs dist-check train bench bench-quick lint gpu-compile gpu-check clean FORCE
 
 $(FILE_LIST): FORCE
 	@mkdir -p $(VENV)
@@ -27,7 +27,7 @@ $(FILE_LIST): FORCE
 $(STAMP): pyproject.toml Makefile $(FILE_LIST)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[dev,bench,train]" --config-settings editable_mode=strict
+	$(PIP) -e ".[dev,bench,train,docs]" --config-settings editable_mode=strict
 	$(PIP) --no-deps "$(OPEN_CLIP)"
 	@touch $@
 
@@ -35,6 +35,11 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests -q
+
+# The documentation site (mkdocs-material, the API reference from the docstrings) into build/site; --strict:
+# a broken link or an unresolved reference fails the build.
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --site-dir build/site
 
 # The package as a user installs it: the sdist, the wheel built from it, the wheel installed outside the
 # checkout, and its three packages imported from there (not from the editable install).
@@ -51,11 +56,11 @@ dist-check: $(STAMP)
 
 # The paper's protocol on the built-in synthetic data: label-free training, baselines, fusion probe.
 train: $(STAMP)
-	$(VENV)/bin/fastpair-train --out runs/synthetic
+	$(VENV)/bin/fastpair-train --out runs/synthetic --overwrite
 
-# CPU benchmark: providers x shapes, then the report (bench/results/*.json, .md, .png and README's table).
+# CPU benchmark: providers x shapes, then the report (bench/results/*.json, .md, .png and docs/benchmarks.md's table).
 bench: $(STAMP)
-	$(PY) -m bench.run --device cpu --update-readme
+	$(PY) -m bench.run --device cpu --update-docs
 
 # The same at N=1024 only (a smoke run of a few minutes), into the git-ignored bench/results/raw.
 bench-quick: $(STAMP)

@@ -1,6 +1,6 @@
 """The benchmark's report, for CPU and CUDA runs alike: result JSON -> JSON, Markdown tables and a plot.
 
-    python -m bench.report RESULT.json [--out bench/results/raw] [--update-readme]
+    python -m bench.report RESULT.json [--out bench/results/raw] [--update-docs]
 
 bench/run.py calls publish() at the end of a run; this command re-renders a result file, also one
 written before 2026-11-27 (the CPU report of pytest-benchmark runs, bench/gpu.py's GPU report). It writes
@@ -12,8 +12,8 @@ on CPU, fastpair-triton on CUDA), torch-compile and plain-pytorch in ms, the hea
 other three (medians of the same run), its TFLOP/s and the peak memory growth; when the run has other
 providers, a table per dtype and D of every provider's time (x floor) and one of its peak memory; then
 the N = 2^20 check, skipped providers and failures. TFLOP/s count the floor's FLOPs
-(fastpair.flops.flop_count) for every provider, so they compare like for like. --update-readme replaces
-README.md's CPU block (between its bench:cpu markers) with the Markdown of a CPU run.
+(fastpair.flops.flop_count) for every provider, so they compare like for like. --update-docs replaces
+docs/benchmarks.md's CPU block (between its bench:cpu markers) with the Markdown of a CPU run.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ HEADLINES = {
 }
 # Digits: CPU steps take tens of ms to seconds, CUDA steps from below one ms
 FORMAT = {"cpu": {"ms": ".1f", "tflops": ".3f"}, "cuda": {"ms": ".2f", "tflops": ".1f"}}
-README_START, README_END = "<!-- bench:cpu:start -->", "<!-- bench:cpu:end -->"
+BLOCK_START, BLOCK_END = "<!-- bench:cpu:start -->", "<!-- bench:cpu:end -->"
+RESULTS_PAGE = os.path.join("docs", "benchmarks.md")
 # The goals of docs/design.md per device: (N, D, numerator, denominator, bound) and (N, D, provider, MiB)
 GOALS = {"cpu": [(4096, 128, "fastpair-torch", "plain-pytorch", 0.5),
                  (4096, 128, "fastpair-torch", "gemm-floor", 1.2),
@@ -291,9 +292,9 @@ def stem(meta: dict) -> str:
     return f"{slug(device)}-{meta['date']}"
 
 
-def publish(result: dict, out: str, update_readme: bool = False) -> str:
+def publish(result: dict, out: str, update_docs: bool = False) -> str:
     """Write out/<stem>.json (first, so a failing plot loses no measurement), .md and .png; return the
-    Markdown. With update_readme (CPU runs only), also README.md's CPU block."""
+    Markdown. With update_docs (CPU runs only), also the CPU block of docs/benchmarks.md."""
     result = derive(normalize(result))
     path = os.path.join(out, stem(result["meta"]))
     os.makedirs(out, exist_ok=True)
@@ -305,32 +306,32 @@ def publish(result: dict, out: str, update_readme: bool = False) -> str:
     plot(result, path + ".png")
     print(md)
     print(f"wrote {path}.json, .md, .png")
-    if update_readme:
+    if update_docs:
         if result["meta"]["kind"] != "cpu":
-            raise SystemExit("README.md holds the CPU table only; not updated")
-        write_readme_block(md, os.path.join(ROOT, "README.md"))
-        print("updated README.md")
+            raise SystemExit(f"{RESULTS_PAGE} holds the CPU table only; not updated")
+        write_block(md, os.path.join(ROOT, RESULTS_PAGE))
+        print(f"updated {RESULTS_PAGE}")
     return md
 
 
-def write_readme_block(md: str, readme: str) -> None:
-    with open(readme) as f:
+def write_block(md: str, page: str) -> None:
+    with open(page) as f:
         text = f.read()
-    if README_START not in text or README_END not in text:
-        raise SystemExit(f"{readme} has no {README_START} ... {README_END} block to update")
-    before, rest = text.split(README_START, 1)
-    _, after = rest.split(README_END, 1)
-    with open(readme, "w") as f:
-        f.write(before + README_START + "\n" + md + README_END + after)
+    if BLOCK_START not in text or BLOCK_END not in text:
+        raise SystemExit(f"{page} has no {BLOCK_START} ... {BLOCK_END} block to update")
+    before, rest = text.split(BLOCK_START, 1)
+    _, after = rest.split(BLOCK_END, 1)
+    with open(page, "w") as f:
+        f.write(before + BLOCK_START + "\n" + md + BLOCK_END + after)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("result", help="a result JSON of bench/run.py (or of the reports before it)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "raw"))
-    parser.add_argument("--update-readme", action="store_true", help="replace README.md's CPU results block")
+    parser.add_argument("--update-docs", action="store_true", help="replace docs/benchmarks.md's CPU results block")
     args = parser.parse_args(argv)
-    publish(load(args.result), args.out, update_readme=args.update_readme)
+    publish(load(args.result), args.out, update_docs=args.update_docs)
     return 0
 
 

@@ -1,6 +1,6 @@
 """The benchmark, on CPU or CUDA: bench/providers.py's providers over the device's shapes, then the report.
 
-    python -m bench.run --device cpu  [--quick] [--out bench/results] [--update-readme]
+    python -m bench.run --device cpu  [--quick] [--out bench/results] [--update-docs]
     python -m bench.run --device cuda [--quick] [--out bench/results] [--budget-s 420] [--only NAME ...]
     either, for a smoke run on other shapes: --n N [N ...] --d D [D ...] [--dtype bfloat16|float32]
 
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="the smallest shapes only (a smoke run)")
     parser.add_argument("--out", default=OUT, help="folder of the results (default: bench/results)")
-    parser.add_argument("--update-readme", action="store_true", help="replace README.md's CPU results block")
+    parser.add_argument("--update-docs", action="store_true", help="replace docs/benchmarks.md's CPU results block")
     parser.add_argument("--only", nargs="*", default=None, help="provider names to run (the floor always runs)")
     parser.add_argument("--budget-s", type=float, default=None, help="time budget (default: 420 on CUDA, none on CPU)")
     parser.add_argument("--n", type=int, nargs="+", help="batch sizes instead of the device's plan")
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
         result["largest"] = largest
     if args.device == "cuda":
         result["autotuned"] = _autotuned()
-    report.publish(result, args.out, update_readme=args.update_readme)
+    report.publish(result, args.out, update_docs=args.update_docs)
     return 0
 
 

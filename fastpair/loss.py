@@ -69,7 +69,7 @@ def pairwise_nce(
         block_size: rows per block of the torch backend (default: about 2^21 logits per block).
 
     For pair (p, q) over its valid samples V (n = |V|), with x, y the normalized z_p, z_q,
-    S_ij = <x_i, y_j> / t_pq, positives P(i) = {j in V : ids_j == ids_i} (by default {i}) and eps:
+    ``S_ij = <x_i, y_j> / t_pq``, positives P(i) = {j in V : ids_j == ids_i} (by default {i}) and eps:
 
         l_i  = logsumexp_{j in V} S_ij - (1 - eps) mean_{j in P(i)} S_ij - eps mean_{j in V} S_ij
         l'_j = logsumexp_{i in V} S_ij - (1 - eps) mean_{i in P(j)} S_ij - eps mean_{i in V} S_ij
@@ -103,21 +103,38 @@ def pairwise_sigmoid(
 ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""SigLIP's sigmoid loss (Zhai et al. 2023) of every modality pair, without materializing any N x N matrix.
 
-    Arguments as :func:`pairwise_nce` (without ``label_smoothing``), and
+    Each pair (i, j) is a binary decision, positive where the samples match (or share an id), with no
+    normalization over the batch. For M = 2 this is open_clip's ``SigLipLoss`` on one device
+    (logit_scale = 1/t, logit_bias = b).
 
+    Args:
+        *embeddings: M >= 2 tensors (N, D), one per modality, as for ``pairwise_nce``.
+        temperature: float, 0-d tensor, or 1-d tensor with one entry per pair: t = 1 / logit_scale, finite
+            and > 0 (SigLIP initializes 1/t = 10; a temperature above 5 is warned about once). A tensor that
+            requires grad receives dL/dt.
         bias: float, 0-d tensor, or 1-d tensor with one entry per pair: b, finite (open_clip's
-            ``logit_bias``; the temperature is t = 1 / ``logit_scale.exp()``). A tensor that requires grad
-            receives dL/db (learnable, shared or per pair). SigLIP initializes t = 0.1, b = -10.
-            Checked as the temperature is (a NaN loss on the Triton path for an invalid tensor).
+            ``logit_bias``; SigLIP initializes b = -10). A tensor that requires grad receives dL/db
+            (learnable, shared or per pair). Checked as the temperature is (a NaN loss on the Triton path
+            for an invalid tensor).
+        weights: optional non-negative weight per pair, not all zero.
+        mask: optional bool (M, N); False where modality m of sample i is missing.
+        normalize: L2-normalize every embedding first, as SigLIP does.
+        pairs: the contrasted pairs (p, q), as for ``pairwise_nce``.
+        ids: optional int32/int64 (N,): samples with equal ids are positives (z_ij = +1) of each other.
+        backend: "auto", "torch" or "triton", as for ``pairwise_nce``.
+        group: a torch.distributed process group: negatives from every rank, as for ``pairwise_nce``.
+        return_stats: also return ``{"pair_losses": (P,), "pair_accuracy": (P, 2)}``: per-pair losses and
+            top-1 in-batch retrieval accuracy.
+        block_size: rows per block of the torch backend.
 
     For pair (p, q) over its valid samples V (n = |V|), with x, y the normalized z_p, z_q,
-    S_ij = <x_i, y_j> / t_pq and z_ij = +1 where ids_i == ids_j (by default i == j), -1 elsewhere:
+    ``S_ij = <x_i, y_j> / t_pq`` and ``z_ij`` = +1 where ids_i == ids_j (by default i == j), -1 elsewhere:
 
         L_pq = -(1/n) sum_{i in V} sum_{j in V} log sigmoid(z_ij (S_ij + b_pq))
         loss = sum_pq w_pq L_pq / sum_pq w_pq      (over pairs with n > 0; 0 if there is none)
 
-    For M = 2 this is open_clip's ``SigLipLoss`` on one device (logit_scale = 1/t, logit_bias = b).
-    ``return_stats`` reports per-pair losses and top-1 in-batch retrieval accuracy, as pairwise_nce does.
+    Returns:
+        The loss, a 0-d tensor: float64 for float64 inputs, float32 otherwise; or (loss, stats).
     """
     return _run(embeddings, group, return_stats, dict(
         temperature=temperature, weights=weights, mask=mask, normalize=normalize, return_stats=return_stats,

@@ -63,6 +63,7 @@ class _PairwiseLoss(nn.Module):
 
     @property
     def temperature(self) -> torch.Tensor:
+        """t = exp(log_temperature), clamped to t >= 1 / max_logit_scale: 0-d, or (P,) per pair."""
         return self.log_temperature.clamp(min=-math.log(self.max_logit_scale)).exp()
 
     def forward(
@@ -79,7 +80,7 @@ class _PairwiseLoss(nn.Module):
             *embeddings: ``num_modalities`` tensors (N, D), one per modality, in the order the pairs index.
             mask: optional bool (M, N); False where modality m of sample i is missing.
             ids: optional int32/int64 (N,); samples with equal ids are positives of each other.
-            group: a torch.distributed process group: negatives from every rank (see :func:`pairwise_nce`).
+            group: a torch.distributed process group: negatives from every rank (see ``pairwise_nce``).
             return_stats: also return ``{"pair_losses": (P,), "pair_accuracy": (P, 2)}``.
 
         Returns:
@@ -104,7 +105,7 @@ class _PairwiseLoss(nn.Module):
 
 
 class PairwiseNCE(_PairwiseLoss):
-    """:func:`fastpair.pairwise_nce` with a learnable temperature, as an ``nn.Module``.
+    """``fastpair.pairwise_nce`` with a learnable temperature, as an ``nn.Module``.
 
     The module holds ``log_temperature`` (a parameter, or a buffer when not learned); the temperature is
     ``t = exp(log_temperature)``, clamped to ``t >= 1 / max_logit_scale`` as CLIP clamps its logit scale.
@@ -122,16 +123,17 @@ class PairwiseNCE(_PairwiseLoss):
         normalize: L2-normalize the embeddings first (cosine similarities), as CLIP does.
         pairs: the contrasted pairs (p, q) (default: every pair, ``itertools.combinations(range(M), 2)``).
         label_smoothing: eps in [0, 1), as ``F.cross_entropy(label_smoothing=eps)``.
-        backend: "auto", "torch" or "triton" (see :func:`fastpair.pairwise_nce`).
+        backend: "auto", "torch" or "triton" (see ``fastpair.pairwise_nce``).
 
     Under DistributedDataParallel keep the module inside the wrapped model (or all-reduce its gradients) so
     that every rank holds the same temperature.
 
-    Example::
-
-        loss_fn = PairwiseNCE(3)            # text, audio, vision; learnable t from 0.07
+    Example:
+        ```python
+        loss_fn = PairwiseNCE(3)             # text, audio, vision; learnable t from 0.07
         loss = loss_fn(text, audio, vision)  # each (N, D)
         loss.backward()
+        ```
     """
 
     _loss = staticmethod(pairwise_nce)
@@ -158,7 +160,7 @@ class PairwiseNCE(_PairwiseLoss):
 
 
 class PairwiseSigmoid(_PairwiseLoss):
-    """:func:`fastpair.pairwise_sigmoid` with a learnable temperature and bias, as an ``nn.Module``.
+    """``fastpair.pairwise_sigmoid`` with a learnable temperature and bias, as an ``nn.Module``.
 
     The module holds ``log_temperature`` and ``bias`` (parameters, or buffers when not learned); ``t =
     exp(log_temperature)`` is clamped to ``t >= 1 / max_logit_scale``. open_clip's ``SigLipLoss`` with
@@ -176,7 +178,7 @@ class PairwiseSigmoid(_PairwiseLoss):
         max_logit_scale: the largest 1/t the clamp allows.
         normalize: L2-normalize the embeddings first, as SigLIP does.
         pairs: the contrasted pairs (p, q) (default: every pair).
-        backend: "auto", "torch" or "triton" (see :func:`fastpair.pairwise_sigmoid`).
+        backend: "auto", "torch" or "triton" (see ``fastpair.pairwise_sigmoid``).
     """
 
     _loss = staticmethod(pairwise_sigmoid)
