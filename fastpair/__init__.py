@@ -22,13 +22,15 @@ if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "k
 
 if TYPE_CHECKING:
     from .call import modality_pairs
+    from .gradcache import GradCache
     from .loss import pairwise_nce, pairwise_sigmoid
     from .module import PairwiseNCE, PairwiseSigmoid
 
 _HOMES = {"pairwise_nce": "loss", "pairwise_sigmoid": "loss", "PairwiseNCE": "module", "PairwiseSigmoid": "module",
-          "modality_pairs": "call"}
+          "GradCache": "gradcache", "modality_pairs": "call"}
 
-__all__ = ["pairwise_nce", "pairwise_sigmoid", "PairwiseNCE", "PairwiseSigmoid", "modality_pairs", "__version__"]
+__all__ = ["pairwise_nce", "pairwise_sigmoid", "PairwiseNCE", "PairwiseSigmoid", "GradCache", "modality_pairs",
+           "__version__"]
 
 
 def __getattr__(name: str):
