@@ -18,7 +18,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 PACKAGE_FILES := $(sort $(wildcard fastpair/*.py fastpair/py.typed kernels/*.py training/*.py))
 FILE_LIST := $(VENV)/.package-files
 
-.PHONY: venv test docs dist-check train bench bench-quick lint gpu-compile gpu-check clean FORCE
+.PHONY: venv test docs dist-check train bench bench-quick bench-gradcache lint gpu-compile gpu-check clean FORCE
 
 $(FILE_LIST): FORCE
 	@mkdir -p $(VENV)
@@ -65,6 +65,11 @@ bench: $(STAMP)
 # The same at N=1024 only (a smoke run of a few minutes), into the git-ignored bench/results/raw.
 bench-quick: $(STAMP)
 	$(PY) -m bench.run --device cpu --quick --out bench/results/raw
+
+# GradCache against the plain step: activations and time per sample at batch 256 ... 8192 (about 15 minutes
+# on 2 cores), into bench/results/gradcache-cpu-<date>.{json,md,png}.
+bench-gradcache: $(STAMP)
+	$(PY) -m bench.gradcache
 
 # What a GPU compiler makes of every Triton kernel, without a GPU: every launch variant the API's options
 # produce, at every tile configuration the autotuner can pick, compiled for sm_80, sm_90a and sm_100a

@@ -60,6 +60,11 @@ def _measure_cpu(name: str, n: int, d: int) -> float:
     for z in zs:
         z.grad = None
     gc.collect()
+    return cpu_step_growth(step)
+
+
+def cpu_step_growth(step) -> float:
+    """This process's peak-RSS growth (MiB) during step(): the peak mark reset, VmHWM over VmRSS before."""
     base = _status_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")

@@ -15,6 +15,9 @@ So, for embeddings e = f(x; theta) and a loss L(e):
 3. run each chunk's encoder again, with autograd and under its saved random state (the same dropout masks as
    in 1., as ``torch.utils.checkpoint`` replays them), and backpropagate dL/de_c through it.
 
+A caller's autocast applies to the forward passes (1., 2. and 3.), not to the backward passes, as PyTorch
+recommends for any step.
+
 Peak memory: the embeddings, dL/de, the loss's O(N) statistics and one chunk's activations. Time: one more
 forward pass of the encoders. The gradients are those of the step that computed the same embeddings (the
 same chunks, in the same order, with the same random draws) with autograd and called backward() once.
@@ -90,7 +93,8 @@ class GradCache:
         embeddings, states = zip(*(self._embed(encoder, x, spans) for encoder, x in zip(self.encoders, inputs)))
         result = self.loss(*embeddings, **loss_kwargs)
         loss = result[0] if isinstance(result, tuple) else result
-        loss.backward()
+        with _no_autocast(embeddings):
+            loss.backward()
         for encoder, x, e, saved in zip(self.encoders, inputs, embeddings, states):
             self._replay(encoder, x, spans, e.grad, saved)
         if isinstance(result, tuple):
@@ -119,7 +123,8 @@ class GradCache:
             with sync, _replaying(state):
                 out = _check_output(_call(encoder, chunk), stop - start)
                 if out.requires_grad:  # a frozen encoder has nothing to learn
-                    out.backward(grad[start:stop].to(out.dtype))
+                    with _no_autocast([out]):
+                        out.backward(grad[start:stop].to(out.dtype))
 
 
 def _call(encoder, x: Inputs) -> torch.Tensor:
@@ -172,6 +177,15 @@ def _rng_state(chunk: Inputs):
     """The CPU generator's state and the CUDA generators' of the chunk's devices, before its encoder runs."""
     cuda = [(d, torch.cuda.get_rng_state(d)) for d in _devices(chunk)]
     return torch.get_rng_state(), cuda
+
+
+def _no_autocast(tensors) -> contextlib.ExitStack:
+    """Autocast off for a backward pass (the caller's autocast is for the forward passes: a backward under it
+    would recast the CPU's backward matmuls, which run in the caller's thread)."""
+    stack = contextlib.ExitStack()
+    for device_type in sorted({t.device.type for t in tensors}):
+        stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
 
 @contextlib.contextmanager

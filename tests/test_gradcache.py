@@ -180,20 +180,25 @@ def test_return_stats_and_accumulation():
 
 
 def test_under_autocast():
-    """The caller's autocast applies to both passes and the loss: the gradients of the plain step under the
-    same autocast (bf16 on CPU) to bf16's rounding. Not bitwise: in one graph autograd sums the chunks'
-    gradients of a weight at its cached bf16 copy, in bf16; GradCache's chunks reach the fp32 .grad one by one."""
+    """The caller's autocast applies to the forward passes and the loss: the gradients of the plain step with
+    its forward under the same autocast (bf16 on CPU), to bf16's rounding. Not bitwise: in one graph autograd
+    sums the chunks' gradients of a weight at its cached bf16 copy, in bf16; GradCache's chunks reach the fp32
+    .grad one by one."""
     out = []
     for chunked in (True, False):
         kinds = ("plain", "mlp")
         encoders, loss_fn = _encoders(kinds, torch.float32), PairwiseNCE(2)
         inputs = _inputs(kinds, torch.float32)
         torch.manual_seed(5)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            if chunked:
+        if chunked:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = GradCache(encoders, loss_fn, 8)(*inputs)
-            else:
-                loss = _reference(encoders, loss_fn, inputs, 8)
+        else:  # forward under autocast, backward after it (PyTorch's recipe)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                parts = [torch.cat([_call(e, gradcache._slice(x, s, min(N, s + 8))) for s in range(0, N, 8)])
+                         for e, x in zip(encoders, inputs)]
+                loss = loss_fn(*parts)
+            loss.backward()
         out.append((loss.detach(), _grads(*encoders, loss_fn)))
     torch.testing.assert_close(out[0][0], out[1][0])
     for g, r in zip(out[0][1], out[1][1]):  # bf16 keeps 8 bits: 2^-8 relative, a few roundings

@@ -121,6 +121,22 @@ def test_global_batch_equals_single_process(dist_run, tiny_npz, tmp_path):
                                        msg=lambda m, k=k, name=name: f"{name} {k}: {m}")
 
 
+def test_chunked_global_batch_equals_single_process(dist_run, tiny_npz, tmp_path):
+    """2 ranks x 16 in chunks of 5 (fastpair.GradCache, the ranks' gradients averaged in one all-reduce) take
+    the steps of 2 ranks x 16 in whole batches, and so of a single process with 32."""
+    out = tmp_path / "chunked"
+    result = torchrun("--data", tiny_npz, "--out", out, "--epochs", "1", "--batch-size", "16", "--chunk-size", "5",
+                      "--baselines", "", *TINY)
+    check_ok(result)
+    assert "batch 16 per rank in chunks of 5, 32 in all" in result.stdout
+    whole, _ = dist_run
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5 * float(a[k].abs().max()) + 1e-7,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+
 def test_resume_under_torchrun_then_single_process(dist_run, tiny_npz, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(dist_run[0], out)

@@ -32,8 +32,9 @@ import torch
 from .config import Config, TrainError
 from .world import World, agreed, restore_rng
 
-# options a resumed run may change: the total, where it runs, the logging, and where its folder is
-RESUMABLE_CHANGES = ("epochs", "device", "tensorboard", "out")
+# options a resumed run may change: the total, where it runs, the logging, where its folder is, and the chunks
+# the encoders run in (the same gradients; a run that ran out of memory continues with smaller ones)
+RESUMABLE_CHANGES = ("epochs", "device", "tensorboard", "out", "chunk_size")
 # what fastpair-train writes in --out: what --overwrite deletes (a stale supervised/ would be probed as the new
 # run's baseline, a stale tensorboard/ plotted with its curves)
 RUN_FILES = ("checkpoint.pt", "best.pt", "log.jsonl", "results.json", "results.png", "supervised", "tensorboard")

@@ -45,6 +45,9 @@ class Config:
     epochs: int = option(40, "epochs in all, also when resuming", metavar="N")
     batch_size: int = option(128, "samples per step (per rank under torchrun), the negatives of each sample",
                              metavar="B")
+    chunk_size: int = option(0, "run the encoders on chunks of this many samples (gradient caching, "
+                             "fastpair.GradCache): batches larger than their activations fit in memory, with the "
+                             "same gradients; 0: whole batches; label-free objectives only", metavar="C")
     lr: float = option(1e-3, "the peak learning rate", metavar="X")
     optimizer: str = option("adamw", "sgd: with momentum 0.9 (the paper's)", choices=("adamw", "sgd"))
     weight_decay: float = option(0.01, "on weight matrices only (the paper's SGD used 1e-3)", metavar="X")
@@ -224,6 +227,7 @@ def check_config(cfg: Config) -> None:
             need(value in choices, f"{flag(f.name)} must be {_either(choices)}, got {value!r}")
     need(cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}")
     need(cfg.batch_size >= 2, f"--batch-size must be >= 2 (a contrastive batch), got {cfg.batch_size}")
+    need(cfg.chunk_size >= 0, f"--chunk-size must be >= 0 (0: whole batches), got {cfg.chunk_size}")
     need(cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr must be a finite number > 0, got {cfg.lr}")
     need(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
     need(math.isfinite(cfg.bias), f"--bias must be a finite number, got {cfg.bias}")

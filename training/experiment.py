@@ -82,9 +82,10 @@ def load_data(cfg: Config, command: Command, world: World):
             data = data_mod.load(cfg.data, seed=cfg.data_seed)
     check_same_run(cfg, command.resume, data, world)
     mods = modalities.of(cfg, data)  # --pairs and --encoder against the data's modalities: every rank, early
-    ranks = ""
+    chunks = f" in chunks of {cfg.chunk_size}" if cfg.chunk_size else ""
+    ranks = f"; batch {cfg.batch_size}{chunks}"
     if world.size > 1:
-        ranks = (f"; {world.size} ranks ({dist.get_backend()}), batch {cfg.batch_size} per rank, "
+        ranks = (f"; {world.size} ranks ({dist.get_backend()}), batch {cfg.batch_size} per rank{chunks}, "
                  f"{world.size * cfg.batch_size} in all")
     if world.main:
         print(f"data: {data.name} ({data.source}), task {data.task}, "

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastpair import PairwiseNCE, PairwiseSigmoid
+from fastpair import GradCache, PairwiseNCE, PairwiseSigmoid
 
 from . import modalities
 from .config import Config
@@ -74,6 +74,22 @@ class LabelFree(Objective):
         z, names = self.encoder(batch), self.modalities.names
         return self.loss(*(z[m].float() for m in names), mask=present(batch, names), ids=batch.get("ids"),
                          group=group, return_stats=stats)
+
+    def step_in_chunks(self, batch, chunk_size: int, group=None) -> torch.Tensor:
+        """``forward(batch, group)`` and its backward with each modality's encoder, dropout and head run on
+        chunks of ``chunk_size`` samples (``fastpair.GradCache``): the same gradients, the activations of a
+        chunk. Returns the loss, detached."""
+        names = self.modalities.names
+
+        def projected(m):
+            return lambda x, mask: self.encoder.heads[m](self.encoder.drop(self.encoder.encoders[m](x, mask)))
+
+        def loss(*z, **kwargs):
+            return self.loss(*(e.float() for e in z), **kwargs)
+
+        step = GradCache([projected(m) for m in names], loss, chunk_size)
+        return step(*((batch[m], batch[m + "_mask"]) for m in names), mask=present(batch, names),
+                    ids=batch.get("ids"), group=group)
 
     def validation(self, batch):
         loss, stats = self(batch, stats=True)

@@ -31,12 +31,14 @@ class RunLog:
         self.path, self.name, self.epochs = os.path.join(out_dir, "log.jsonl"), name, epochs
         self.writer = None
 
-    def start(self, data, splits: list[str]) -> None:
-        """A fresh run: the log starts with the data it saw (a log of an earlier run here would mislead)."""
+    def start(self, data, splits: list[str], batch: int, chunk: int = 0) -> None:
+        """A fresh run: the log starts with the data it saw (a log of an earlier run here would mislead), the
+        batch per step and the chunks its encoders ran in (0: whole batches)."""
         with open(self.path, "w") as f:
             f.write(json.dumps({"data": data.name, "source": data.source, "task": data.task,
                                 "samples": {s: len(sp.y) for s, sp in data.splits.items()},
-                                "train_splits": splits, "nonfinite_set_to_0": data.nonfinite}) + "\n")
+                                "train_splits": splits, "nonfinite_set_to_0": data.nonfinite,
+                                "batch_size": batch, "chunk_size": chunk}) + "\n")
 
     def keep_until(self, last_epoch: int) -> None:
         """Keep the lines of the epochs a resumed run does not redo (atomically)."""

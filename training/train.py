@@ -31,6 +31,7 @@ from .views import two_views
 from .world import (
     World,
     agreed,
+    average_gradients,
     current_world,
     device_of,
     distribute,
@@ -188,12 +189,13 @@ def fit(cfg: Config, data, objective: str, out_dir: str, resume: bool, log=print
     else:
         with agreed(world):
             if world.main:
-                run_log.start(data, batches.splits)
+                run_log.start(data, batches.splits, batches.size, 0 if model.uses_labels else cfg.chunk_size)
     with agreed(world):
         if cfg.tensorboard and world.main:
             run_log.open_tensorboard(out_dir)
 
-    net, group = distribute(model, device, world, model.unused_parameters)  # what the training step calls
+    chunked = bool(cfg.chunk_size) and not model.uses_labels  # --chunk-size: the label-free objectives
+    net, group = distribute(model, device, world, model.unused_parameters, wrap=not chunked)
 
     while state.epoch < cfg.epochs and not state.stopped:
         net.train()
@@ -205,9 +207,14 @@ def fit(cfg: Config, data, objective: str, out_dir: str, resume: bool, log=print
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
             batch = batches.batch(order, i, device, state.epoch)
-            with autocast(device):  # forward: the objective's loss of this rank's batch
-                loss = net(batch, group=group)
-            loss.backward()  # under DDP the gradients are averaged over the ranks: the global batch's
+            if chunked:  # forward and backward in chunks of the encoders; the ranks' gradients averaged here
+                with autocast(device):
+                    loss = model.step_in_chunks(batch, cfg.chunk_size, group)
+                average_gradients(model, world)
+            else:
+                with autocast(device):  # forward: the objective's loss of this rank's batch
+                    loss = net(batch, group=group)
+                loss.backward()  # under DDP the gradients are averaged over the ranks: the global batch's
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # one bad batch cannot throw the model far
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)  # None, not 0: a parameter with no gradient is not decayed

@@ -199,11 +199,16 @@ def check_same_run(cfg: Config, resume: bool, data, world: World) -> None:
                                  f"start every rank with the same arguments and --data")
 
 
-def distribute(model: nn.Module, device: torch.device, world: World, unused_parameters: bool):
+def distribute(model: nn.Module, device: torch.device, world: World, unused_parameters: bool,
+               wrap: bool = True):
     """(what the training step calls, the process group for pairwise_nce's negatives): the model itself and
-    None in a single process, else the model in DistributedDataParallel and the default group."""
+    None in a single process, else the model in DistributedDataParallel and the default group. wrap=False (a
+    step in chunks, which calls the encoders directly): the model itself and the default group; the step then
+    averages the gradients itself (``average_gradients``)."""
     if world.size == 1:
         return model, None
+    if not wrap:
+        return model, dist.group.WORLD
     from torch.nn.parallel import DistributedDataParallel
 
     # the buffers (positional table, a fixed temperature) never change: no sync per step
@@ -212,6 +217,21 @@ def distribute(model: nn.Module, device: torch.device, world: World, unused_para
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                   find_unused_parameters=unused_parameters, **no_sync)
     return net, dist.group.WORLD
+
+
+def average_gradients(model: nn.Module, world: World) -> None:
+    """Every rank's parameter gradients replaced by their mean over the ranks, in one all-reduce (what
+    DistributedDataParallel does for a step whose forward did not go through it)."""
+    if world.size == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world.size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def global_mean(total: float, count: int, device: torch.device, world: World) -> tuple[float, int]:
