@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -73,7 +74,7 @@ class GradCache:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         self.encoders, self.loss, self.chunk_size = encoders, loss, chunk_size
 
-    def __call__(self, *inputs: Inputs, **loss_kwargs):
+    def __call__(self, *inputs: Inputs, **loss_kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, dict]:
         """One full step: embed, the loss and its backward, the encoders' backward chunk by chunk.
 
         Args:
