@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fastpair import modality_pairs, pairwise_nce, pairwise_sigmoid
-from fastpair.reference import pairwise_nce_reference, pairwise_sigmoid_reference
+from fastpair import gram_nce, modality_pairs, pairwise_nce, pairwise_sigmoid
+from fastpair.reference import gram_nce_reference, pairwise_nce_reference, pairwise_sigmoid_reference
 
 TEMPERATURE = 0.07
 SIGMOID_TEMPERATURE, SIGMOID_BIAS = 0.1, -10.0
@@ -131,6 +131,16 @@ def _compiled(plain=_plain) -> Callable:
 
 def _sigmoid(backend: str) -> Callable:
     return lambda zs: pairwise_sigmoid(*zs, temperature=SIGMOID_TEMPERATURE, bias=SIGMOID_BIAS, backend=backend)
+
+
+def _gram(zs):
+    """GRAM's volume loss of the three modalities at once, the first as the anchor (one term, not three pairs)."""
+    return gram_nce(*zs, temperature=TEMPERATURE, backend="torch")
+
+
+def _plain_gram(zs):
+    """GRAM's formula as its public code computes it: the N x N x 3 x 3 Gram tensor, torch.linalg.det."""
+    return gram_nce_reference(*zs, temperature=TEMPERATURE, upcast=False)
 
 
 def _open_clip_losses():
@@ -228,6 +238,8 @@ _SPECS = [
     ("plain-sigmoid", BOTH, lambda: _plain_sigmoid, {}),
     ("open_clip-siglip-x3", BOTH, _open_clip_siglip, {}),
     ("siglip_kernel-x3", CUDA, _siglip_kernel, {}),
+    ("fastpair-torch-gram", BOTH, lambda: _gram, {}),
+    ("plain-gram", BOTH, lambda: _plain_gram, {}),
 ]
 NAMES = [name for name, *_ in _SPECS]
 

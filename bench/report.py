@@ -46,7 +46,9 @@ GOALS = {"cpu": [(4096, 128, "fastpair-torch", "plain-pytorch", 0.5),
                  (4096, 128, "fastpair-torch-ids", "fastpair-torch", 1.1),
                  (4096, 128, "fastpair-torch-smooth", "fastpair-torch", 1.1),
                  (4096, 128, "fastpair-torch-sigmoid", "plain-sigmoid", 0.5),
-                 (4096, 128, "fastpair-torch-sigmoid", "gemm-floor", 1.0)]}
+                 (4096, 128, "fastpair-torch-sigmoid", "gemm-floor", 1.0),
+                 (4096, 128, "fastpair-torch-gram", "plain-gram", 0.5),
+                 (4096, 128, "fastpair-torch-gram", "fastpair-torch", 1.2)]}
 MEMORY_GOALS = {"cpu": [(16384, 128, "fastpair-torch", 160.0)]}
 
 

@@ -52,10 +52,12 @@ CUDA_QUICK = {"bfloat16": {512: [4096, 32768]}}
 LATENCY_N = 4096  # at or below: the eager-loop and CUDA-graph views of the step too (bench/timing.py)
 CUDA_ALL_MODES = ("fastpair-triton", "fastpair-triton-det", "plain-pytorch")  # forward and backward too
 PEERS_X3 = ("open_clip-x3", "open_clip-siglip-x3")
-MATERIALIZED = ("plain-pytorch", "torch-compile", "plain-sigmoid", "compile-sigmoid") + PEERS_X3  # N x N per pair
+MATERIALIZED = ("plain-pytorch", "torch-compile", "plain-sigmoid", "compile-sigmoid", "plain-gram") + PEERS_X3  # N x N
 # On CPU the peers (the materialized formula again, in open_clip's code) stop at N=4096: at 16384 a step
 # takes most of a minute on 2 cores and says nothing plain-pytorch does not.
-MAX_N = {"cpu": dict.fromkeys(PEERS_X3, 4096), "cuda": {"fastpair-torch": 16384}}
+# plain-gram holds N x N x 3 x 3 floats and a batched determinant: 9.7 GB at N=16384, past the CPU machine.
+MAX_N = {"cpu": {**dict.fromkeys(PEERS_X3, 4096), "plain-gram": 4096},
+         "cuda": {"fastpair-torch": 16384, "fastpair-torch-gram": 16384}}
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 

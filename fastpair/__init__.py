@@ -23,14 +23,14 @@ if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "k
 if TYPE_CHECKING:
     from .call import modality_pairs
     from .gradcache import GradCache
-    from .loss import pairwise_nce, pairwise_sigmoid
-    from .module import PairwiseNCE, PairwiseSigmoid
+    from .loss import gram_nce, pairwise_nce, pairwise_sigmoid
+    from .module import GramNCE, PairwiseNCE, PairwiseSigmoid
 
-_HOMES = {"pairwise_nce": "loss", "pairwise_sigmoid": "loss", "PairwiseNCE": "module", "PairwiseSigmoid": "module",
-          "GradCache": "gradcache", "modality_pairs": "call"}
+_HOMES = {"pairwise_nce": "loss", "pairwise_sigmoid": "loss", "gram_nce": "loss", "PairwiseNCE": "module",
+          "PairwiseSigmoid": "module", "GramNCE": "module", "GradCache": "gradcache", "modality_pairs": "call"}
 
-__all__ = ["pairwise_nce", "pairwise_sigmoid", "PairwiseNCE", "PairwiseSigmoid", "GradCache", "modality_pairs",
-           "__version__"]
+__all__ = ["pairwise_nce", "pairwise_sigmoid", "gram_nce", "PairwiseNCE", "PairwiseSigmoid", "GramNCE", "GradCache",
+           "modality_pairs", "__version__"]
 
 
 def __getattr__(name: str):

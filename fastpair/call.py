@@ -7,6 +7,7 @@ its graph).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import numbers
@@ -58,7 +59,7 @@ class Call:
     """Everything a backend needs besides the embeddings, checked. `shard` is set under a process group
     (fastpair.distributed): the embeddings and the mask are then the gathered global batch."""
 
-    pairs: tuple[tuple[int, int], ...]  # (p, q): p is the "x" side
+    pairs: tuple[tuple[int, int], ...]  # (p, q): p is the "x" side; GRAM: (anchor, o) per other modality
     temperature: PerPair
     weights: tuple[float, ...]
     mask: torch.Tensor | None
@@ -68,7 +69,7 @@ class Call:
     return_stats: bool
     backend: str  # "torch" or "triton": resolved from "auto"
     block_size: int | None  # rows per block of the torch backend (None: its default)
-    objective: str = "nce"  # "nce" (pairwise_nce) or "sigmoid" (pairwise_sigmoid)
+    objective: str = "nce"  # "nce" (pairwise_nce), "sigmoid" (pairwise_sigmoid) or "gram" (gram_nce)
     bias: PerPair | None = None  # the sigmoid's b per pair
     shard: Shard | None = None  # this rank's rows of the gathered batch; None without a process group
 
@@ -107,11 +108,54 @@ def describe(embeddings, *, temperature, weights, mask, normalize, return_stats,
     _check_flag("normalize", normalize)
     _check_flag("return_stats", return_stats)
     check_backend(backend)
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    _check_block_size(block_size)
     return Call(pairs=pairs, temperature=temperature, weights=weights, mask=mask, ids=ids,
                 label_smoothing=label_smoothing, normalize=normalize, return_stats=return_stats,
                 backend=_resolve_backend(backend, z), block_size=block_size, objective=objective, bias=bias)
+
+
+def describe_gram(embeddings, *, anchor, temperature, mask, ids, label_smoothing, normalize, return_stats, backend,
+                  block_size) -> Call:
+    """Check one call of gram_nce: the Call of objective "gram", whose pairs are (anchor, o) for the other
+    modalities o in index order (k = M - 1 of them) and whose temperature has one value (P = 1)."""
+    check_embeddings(embeddings)
+    num_modalities = len(embeddings)
+    if isinstance(anchor, bool) or not isinstance(anchor, numbers.Integral) or not 0 <= anchor < num_modalities:
+        raise ValueError(f"anchor must be the index of one of the {num_modalities} embeddings, an int in "
+                         f"[0, {num_modalities}), got {anchor!r}")
+    anchor = int(anchor)
+    _check_flag("normalize", normalize)
+    if not normalize:
+        raise ValueError("gram_nce needs normalize=True: the volume is that of unit vectors (the Gram matrix's "
+                         "diagonal is 1); pass the raw embeddings and let it normalize them")
+    z = embeddings[0]
+    pairs = tuple((anchor, o) for o in range(num_modalities) if o != anchor)
+    if mask is not None:
+        _check_mask(mask, num_modalities, z.shape[0], z.device)
+    if ids is not None:
+        _check_ids(ids, z.shape[0], z.device)
+    _check_flag("return_stats", return_stats)
+    check_backend(backend)
+    if backend == "triton":
+        raise NotImplementedError("gram_nce has no Triton kernels yet: backend='torch' (which 'auto' picks) runs it "
+                                  "on any device, CUDA included, in O(N) memory")
+    _check_block_size(block_size)
+    return Call(pairs=pairs, temperature=_per_pair("temperature", temperature, 1), weights=(1.0,) * len(pairs),
+                mask=mask, ids=ids, label_smoothing=check_label_smoothing(label_smoothing), normalize=True,
+                return_stats=return_stats, backend="torch", block_size=block_size, objective="gram")
+
+
+def gram_directions(call: Call) -> Call:
+    """The call the epilogue sees for GRAM: two term sets of one term per valid sample and weight 1, the
+    anchor -> tuples direction (rows) and tuples -> anchor (columns), over the samples whose M modalities are
+    all present. With ``directions=1`` the epilogue's loss is then their mean, as InfoNCE's is."""
+    mask = None if call.mask is None else call.mask.all(dim=0, keepdim=True)
+    return dataclasses.replace(call, pairs=((0, 0), (0, 0)), weights=(1.0, 1.0), mask=mask)
+
+
+def _check_block_size(block_size) -> None:
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
 
 
 def check_pairs(pairs, num_modalities: int) -> tuple[tuple[int, int], ...]:

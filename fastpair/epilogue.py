@@ -40,32 +40,35 @@ class Finished:
 
 
 def finish(call: Call, n: int, lse_row, lse_col, target, hits=None, unit: float = 1.0,
-           directions: int = 2) -> Finished:
+           directions: int = 2, lone_zero: bool | None = None) -> Finished:
     """lse_row, lse_col, target: (P, rows) in the compute dtype, rows = this process's rows, in units of
     `unit` nats (1: natural logs; ln 2: base-2 logs, converted once, after the sum); target: the row's two
     target terms (2 S_ii, or fastpair.targets'); hits: (2, P) this process's row hits x->y and y->x
     (counts over its valid rows), or None without return_stats. directions: 2 for InfoNCE (a row and a
     column term per sample), 1 for the sigmoid objective, whose lse_row is the row's sum of softplus(S_ij + b),
-    lse_col 0 and target its positives' S_ij + b."""
+    lse_col 0 and target its positives' S_ij + b. lone_zero: a term set with a single valid sample is exactly 0
+    (its only candidate is its positive; default: for InfoNCE, directions == 2); GRAM passes its two
+    directions as two term sets with directions=1 and lone_zero=True."""
+    lone_zero = directions == 2 if lone_zero is None else lone_zero
     dtype, device = lse_row.dtype, lse_row.device
     terms = lse_row + lse_col - target
     if unit != 1.0:
         terms = terms * unit
     if call.mask is None:
         counts = None
-        local, loss, coef = _unmasked(call, n, terms, directions)
+        local, loss, coef = _unmasked(call, n, terms, directions, lone_zero)
     else:
         valid = pair_valid(call.mask, call.pairs)
         terms = _valid_rows(call, n, terms, valid)
         counts = valid.sum(dim=1).to(dtype)
-        if directions == 2:  # InfoNCE: a pair with one valid sample is exactly 0 (see _unmasked)
+        if lone_zero:  # InfoNCE: a pair with one valid sample is exactly 0 (see _unmasked)
             terms = terms * (counts[:, None] != 1)  # a product, so that a NaN input stays visible
         local = terms.sum(dim=1) / (directions * counts.clamp_min(1.0))
         weights = constant(call.weights, dtype, str(device)) * (counts > 0)
         total = weights.sum().clamp_min(torch.finfo(dtype).tiny)
         loss = call.world * (weights * local).sum() / total
         coef = call.world * weights / (total * directions * counts.clamp_min(1.0))
-        if directions == 2:
+        if lone_zero:
             coef = torch.where(counts == 1, torch.zeros_like(coef), coef)
 
     if hits is None:  # without return_stats the accuracy is never read: a placeholder, no fill
@@ -78,14 +81,14 @@ def finish(call: Call, n: int, lse_row, lse_col, target, hits=None, unit: float 
     return Finished(loss, sums[0].detach().float(), (sums[1:].T / per_row).float(), coef)
 
 
-def _unmasked(call: Call, n: int, terms: torch.Tensor, directions: int):
+def _unmasked(call: Call, n: int, terms: torch.Tensor, directions: int, lone_zero: bool):
     """(local, loss, coef) without a mask: every n_k is the batch's N > 0, so w' = w and the weights'
     factors are host numbers: a cached table (coef) and scalars, no kernels for them on the device.
     InfoNCE with N = 1: a sample's only candidate is its positive, so every term and dL/dS are exactly 0
     (computed, logsumexp_j S_ij - S_ii leaves a rounding residue of about 1e-7)."""
     total = sum(call.weights)  # > 0: fastpair.call checks that not every weight is 0
     dtype, device = terms.dtype, str(terms.device)
-    if n == 1 and directions == 2:
+    if n == 1 and lone_zero:
         terms = terms * 0.0  # a product, so that a NaN input stays visible
         zero = constant((0.0,) * len(call.weights), dtype, device)
         return terms.sum(dim=1), (zero * terms.sum(dim=1)).sum(), zero

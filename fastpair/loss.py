@@ -1,4 +1,5 @@
-"""The public loss functions, InfoNCE and sigmoid for every modality pair: validate once, then dispatch."""
+"""The public loss functions, InfoNCE and sigmoid for every modality pair and GRAM's volume loss of all
+modalities at once: validate once, then dispatch."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import torch
 
 from . import distributed
 from ._torch_backend import pairwise_nce_torch
+from ._torch_gram import gram_nce_torch
 from ._torch_sigmoid import pairwise_sigmoid_torch
-from .call import describe
+from .call import describe, describe_gram
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -141,7 +143,60 @@ def pairwise_sigmoid(
         backend=backend, block_size=block_size, pairs=pairs, ids=ids, objective="sigmoid", bias=bias))
 
 
-def _run(embeddings, group, return_stats: bool, arguments: dict):
+def gram_nce(
+    *embeddings: torch.Tensor,
+    anchor: int = 0,
+    temperature: float | torch.Tensor = 0.07,
+    mask: torch.Tensor | None = None,
+    ids: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    normalize: bool = True,
+    backend: str = "auto",
+    group: ProcessGroup | None = None,
+    return_stats: bool = False,
+    block_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""GRAM's volume loss (Cicchetti et al., ICLR 2025) of all modalities at once, never N x N.
+
+    Each anchor sample is contrasted with the tuples of the other modalities' samples, scored by the volume
+    of the parallelotope that the k + 1 unit vectors span (small for aligned tuples): the symmetric InfoNCE
+    of the anchor against the tuples, on the logit ``-V / t``.
+
+    Args:
+        *embeddings: M >= 2 tensors (N, D), one per modality, as for ``pairwise_nce``.
+        anchor: the index of the anchor modality (GRAM's text); the others, in index order, form the tuples.
+        temperature: float, 0-d tensor or 1-element tensor, finite and > 0; a tensor that requires grad
+            receives dL/dt. Checked as ``pairwise_nce``'s.
+        mask: optional bool (M, N); a sample takes part when all M of its modalities are present.
+        ids: optional int32/int64 (N,): samples with equal ids are positives of each other.
+        label_smoothing: eps in [0, 1), as for ``pairwise_nce``.
+        normalize: must be True (the volume is that of unit vectors); False raises ValueError.
+        backend: "auto" or "torch" (exact pure PyTorch, any device, CUDA included); "triton" raises
+            NotImplementedError until GRAM's kernels exist.
+        group: a torch.distributed process group: negatives from every rank, as for ``pairwise_nce``.
+        return_stats: also return ``{"direction_losses": (2,), "direction_accuracy": (2,)}`` (detached,
+            float32): the loss and the top-1 retrieval accuracy of anchor -> tuples and tuples -> anchor.
+        block_size: anchor rows per block of the torch backend.
+
+    With the others o_1..o_k (k = M - 1), unit vectors x, s_ij = (<x_a,i, x_ol,j>)_l and C_j the Gram matrix
+    of (x_o1,j, ..., x_ok,j), over the valid samples V (n = |V|):
+
+        det G_ij = det C_j - s_ij^T adj(C_j) s_ij      (the Gram determinant of x_a,i, x_o1,j, ..., x_ok,j)
+        V_ij = sqrt(max(det G_ij, 0) + 1e-8),   S_ij = -V_ij / t
+        loss = (mean_i [logsumexp_j S_ij - S_ii] + mean_j [logsumexp_i S_ij - S_jj]) / 2
+
+    with positives by id and label smoothing as in ``pairwise_nce``. For M = 2, V = sqrt(1 - <x_i, y_j>^2 +
+    1e-8). A single valid sample gives exactly 0. Memory O(N (M D + k^2)).
+
+    Returns:
+        The loss, a 0-d tensor: float64 for float64 inputs, float32 otherwise; or (loss, stats).
+    """
+    return _run(embeddings, group, return_stats, dict(
+        anchor=anchor, temperature=temperature, mask=mask, ids=ids, label_smoothing=label_smoothing,
+        normalize=normalize, return_stats=return_stats, backend=backend, block_size=block_size), describe_gram)
+
+
+def _run(embeddings, group, return_stats: bool, arguments: dict, describe=describe):
     """Validate once (on every rank under a group), gather across ranks, dispatch to the backend."""
     world = 1 if group is None else distributed.world_size(group)
     try:
@@ -155,6 +210,9 @@ def _run(embeddings, group, return_stats: bool, arguments: dict):
     if embeddings[0].device.type == "meta":
         return _shapes_only(embeddings, call, return_stats)
 
+    if call.objective == "gram":
+        loss, losses, accuracy = gram_nce_torch(embeddings, call)
+        return (loss, {"direction_losses": losses, "direction_accuracy": accuracy}) if return_stats else loss
     if call.objective == "sigmoid":
         loss, pair_losses, accuracy = _sigmoid(embeddings, call)
     elif call.backend == "triton":
@@ -180,6 +238,8 @@ def _shapes_only(embeddings, call, return_stats: bool):
         return loss
     num_pairs = len(call.pairs)
     empty = dict(dtype=torch.float32, device="meta")
+    if call.objective == "gram":
+        return loss, {"direction_losses": torch.empty(2, **empty), "direction_accuracy": torch.empty(2, **empty)}
     return loss, {"pair_losses": torch.empty(num_pairs, **empty), "pair_accuracy": torch.empty(num_pairs, 2, **empty)}
 
 

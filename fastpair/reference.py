@@ -22,16 +22,61 @@ def pairwise_nce_reference(*embeddings: torch.Tensor, temperature=0.07, weights=
     columns); without, against the diagonal, as plain PyTorch would."""
 
     def pair_loss(logits, same, k):
-        n, dtype = logits.shape[0], logits.dtype
-        if same is None and label_smoothing == 0.0:
-            labels = torch.arange(n, device=logits.device)
-            return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        if same is None:
-            same = torch.eye(n, dtype=torch.bool, device=logits.device)
-        target = (1.0 - label_smoothing) * same.to(dtype) / same.sum(dim=1, keepdim=True) + label_smoothing / n
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T)) / 2
+        return sum(_directions(logits, same, label_smoothing)) / 2
 
     return _pairwise(embeddings, pair_loss, temperature, weights, mask, normalize, upcast, return_stats, pairs, ids)
+
+
+def _directions(logits, same, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """InfoNCE's two directions, rows and columns: F.cross_entropy against the diagonal, or against the target
+    matrix T (T_ij = (1 - eps) [ids_i == ids_j] / |P(i)| + eps / n) with ids or label smoothing."""
+    n, dtype = logits.shape[0], logits.dtype
+    if same is None and label_smoothing == 0.0:
+        labels = torch.arange(n, device=logits.device)
+        return F.cross_entropy(logits, labels), F.cross_entropy(logits.T, labels)
+    if same is None:
+        same = torch.eye(n, dtype=torch.bool, device=logits.device)
+    target = (1.0 - label_smoothing) * same.to(dtype) / same.sum(dim=1, keepdim=True) + label_smoothing / n
+    return F.cross_entropy(logits, target), F.cross_entropy(logits.T, target.T)
+
+
+def gram_nce_reference(*embeddings: torch.Tensor, anchor: int = 0, temperature=0.07, mask=None,
+                       ids: torch.Tensor | None = None, label_smoothing: float = 0.0, upcast: bool = True,
+                       return_stats: bool = False, eps_v: float = 1e-8):
+    """GRAM's volume loss as its public code computes it: for every (anchor row i, column j) the (k+1) x (k+1)
+    Gram matrix of (x_a,i, x_o1,j, ..., x_ok,j) materialized from the similarity matrices (an
+    N x N x (k+1) x (k+1) tensor), its determinant by torch.linalg.det, V = sqrt(max(det, 0) + eps_v),
+    logits -V / t, InfoNCE both ways over the samples with every modality present.
+    Stats: {"direction_losses": (2,), "direction_accuracy": (2,)}."""
+    dtype = torch.float64 if upcast else embeddings[0].dtype
+    xs = [F.normalize(z.to(dtype), dim=1, eps=1e-12) for z in embeddings]
+    if mask is not None:
+        valid = mask.all(dim=0)
+        xs = [x[valid] for x in xs]
+        ids = None if ids is None else ids[valid]
+    n = xs[0].shape[0]
+    if n == 0:
+        loss = sum(0.0 * z.sum() for z in embeddings).to(dtype)
+        zeros = torch.zeros(2, dtype=torch.float32)
+        return (loss, {"direction_losses": zeros, "direction_accuracy": zeros}) if return_stats else loss
+    a, others = xs[anchor], [x for m, x in enumerate(xs) if m != anchor]
+    k = len(others)
+    g = a.new_empty(n, n, k + 1, k + 1)
+    g[:, :, 0, 0] = (a * a).sum(dim=1)[:, None]
+    for l, x in enumerate(others, start=1):
+        g[:, :, 0, l] = g[:, :, l, 0] = a @ x.T
+        for m, y in enumerate(others[l - 1:], start=l):
+            g[:, :, l, m] = g[:, :, m, l] = (x * y).sum(dim=1)[None, :]
+    volume = torch.sqrt(torch.linalg.det(g).clamp(min=0.0) + eps_v)
+    t = temperature.to(dtype) if isinstance(temperature, torch.Tensor) else float(temperature)
+    logits = -volume / t
+    same = None if ids is None else ids[:, None] == ids[None, :]
+    rows, cols = _directions(logits, same, label_smoothing)
+    loss = (rows + cols) / 2
+    if not return_stats:
+        return loss
+    return loss, {"direction_losses": torch.stack([rows, cols]).detach().float(),
+                  "direction_accuracy": torch.tensor(_accuracy(logits, same), dtype=torch.float32)}
 
 
 def pairwise_sigmoid_reference(*embeddings: torch.Tensor, temperature=0.1, bias=-10.0, weights=None, mask=None,

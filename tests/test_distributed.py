@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import assert_close, condition_scale, randn, triton_runs
 
-from fastpair import PairwiseNCE, pairwise_nce, pairwise_sigmoid
+from fastpair import PairwiseNCE, gram_nce, pairwise_nce, pairwise_sigmoid
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -89,6 +89,16 @@ SIGMOID_CASES = [
     ("sigmoid-unnormalized", (4, 7), 3, 6, dict(temperature=0.5, bias=-1.0, normalize=False, mask=True)),
 ]
 
+# gram_nce: the anchor's rows of the gathered batch against every rank's tuples
+GRAM_CASES = [
+    ("gram-equal", (6, 6), 3, 8, dict(temperature=0.07)),
+    ("gram-learned-mask-stats", (5, 8), 3, 8, dict(temperature="learn", mask=True, return_stats=True, block_size=3)),
+    ("gram-ids-smoothing-anchor", (6, 7), 4, 6, dict(temperature=0.1, anchor=2, ids=True, label_smoothing=0.1,
+                                                     block_size=4, return_stats=True)),
+    ("gram-cold-two", (4, 7), 2, 5, dict(temperature=0.005, mask=True, block_size=2)),
+]
+LOSSES = {"nce": (pairwise_nce, CASES), "sigmoid": (pairwise_sigmoid, SIGMOID_CASES), "gram": (gram_nce, GRAM_CASES)}
+
 
 def _inputs(sizes, m, d, kwargs, seed, dtype, device):
     n = sum(sizes)
@@ -118,9 +128,9 @@ def _learnable(kw: dict) -> dict:
 
 def _compare(rank, backend, dtype, deterministic, objective="nce"):
     torch.use_deterministic_algorithms(deterministic)
-    loss_fn, cases = (pairwise_nce, CASES) if objective == "nce" else (pairwise_sigmoid, SIGMOID_CASES)
+    loss_fn, cases = LOSSES[objective]
     for seed, (name, sizes, m, d, kwargs) in enumerate(cases):
-        if dtype == torch.float64 and backend == "triton":
+        if (dtype == torch.float64 or objective == "gram") and backend == "triton":
             continue
         # Triton on a GPU machine: both ranks on the one GPU, CUDA tensors over gloo (NCCL needs a GPU per rank)
         device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
@@ -157,11 +167,12 @@ def _compare(rank, backend, dtype, deterministic, objective="nce"):
         for key, param in params_local.items():
             assert_close(_mean_over_ranks(param.grad), params_full[key].grad, dtype=dtype, name=f"{where}: d/d{key}")
         if stats is not None:
-            for key in ("pair_losses", "pair_accuracy"):
+            assert dstats.keys() == stats.keys()
+            for key in stats:
                 assert_close(dstats[key], stats[key], name=f"{where}: {key}")
 
 
-@pytest.mark.parametrize("objective", ["nce", "sigmoid"])
+@pytest.mark.parametrize("objective", ["nce", "sigmoid", "gram"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_torch_backend_matches_single_process(dtype, objective):
     run_ranks(_compare, "torch", dtype, False, objective)
