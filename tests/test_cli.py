@@ -112,6 +112,9 @@ def run_console(function: str, argv: list[str]) -> tuple[int, bool, str, str]:
     ("main", ["--no-such-option"], 2, "unrecognized arguments: --no-such-option"),
     ("main", ["--resume", "--overwrite"], 2, "--overwrite: not allowed with argument --resume"),
     ("probe_main", [], 2, "fastpair-probe: error: the following arguments are required: --run"),
+    ("main", ["--anchor", "text"], 2, "--anchor applies to --objective gram"),
+    ("main", ["--objective", "gram", "--pairs", "anchor:text"], 2, "--pairs applies to the pairwise objectives"),
+    ("main", ["--objective", "sigmoid", "--label-smoothing", "0.1"], 2, "--label-smoothing applies to"),
 ])
 def test_help_and_option_errors_come_before_torch(function, argv, status, words):
     """--help and every option error are answered before torch is imported (it takes seconds); an error is one
@@ -164,7 +167,7 @@ def test_help_shows_defaults_and_choices(capsys):
         cli.main(["--help"])
     assert done.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # the help as words, whatever argparse's line breaks
-    for option, default in (("--optimizer {adamw,sgd}", "adamw"), ("--objective {nce,sigmoid}", "nce"),
+    for option, default in (("--optimizer {adamw,sgd}", "adamw"), ("--objective {nce,sigmoid,gram}", "nce"),
                             ("--schedule {cosine,step}", "cosine"), ("--device {auto,cpu,cuda}", "auto"),
                             ("--views {1,2}", "1"), ("--epochs N", "40"), ("--batch-size B", "128"),
                             ("--data synthetic|PATH", "synthetic"), ("--transductive", "off")):

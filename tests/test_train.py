@@ -88,6 +88,25 @@ def test_sigmoid_objective_trains_and_probes(small_npz, tmp_path):
     assert json.loads((out / "results.json").read_text())["rows"] == rows
 
 
+def test_gram_objective_trains_and_probes(small_npz, tmp_path, capsys):
+    """--objective gram --anchor NAME: gram_nce with a learnable temperature around the named anchor, both
+    directions' validation losses and accuracies in the log, the probe; an unknown anchor is a clear error."""
+    out = tmp_path / "run"
+    anchor = "audio"
+    assert run_main("--data", small_npz, "--out", out, "--epochs", "2", "--objective", "gram", "--anchor", anchor,
+                    "--label-smoothing", "0.05", "--baselines", "random_init", *TINY) == 0
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert "loss.log_temperature" in best["model"] and best["config"]["anchor"] == anchor
+    _, *log = read_jsonl(out / "log.jsonl")
+    assert set(log[0]["valid_direction_accuracy"]) == {f"{anchor}->tuples", f"tuples->{anchor}"}
+    assert log[0]["temperature"] != 0.07  # learned
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["encoder"] for r in rows} == {"gram_nce", "random_init"}
+    assert run_main("--data", small_npz, "--out", tmp_path / "bad", "--objective", "gram", "--anchor", "smell",
+                    *TINY) == 2
+    assert "--anchor: the data has no modality 'smell'" in capsys.readouterr().err
+
+
 def test_default_synthetic_run_starts(tmp_path):
     """The default data (synthetic) through one short epoch, no baselines (the full run is `make train`)."""
     out = tmp_path / "syn"

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 from .names import ENCODER_KINDS
 
-DESCRIPTION = ("Label-free training with pairwise_nce (or pairwise_sigmoid), the baselines, and the fusion probe. "
-               "Options: the defaults below < --config FILE < the options given.")
+DESCRIPTION = ("Label-free training with pairwise_nce (or pairwise_sigmoid, gram_nce), the baselines, and the fusion "
+               "probe. Options: the defaults below < --config FILE < the options given.")
 BASELINES = ("random_init", "supervised")
 
 
@@ -55,14 +55,17 @@ class Config:
                            "x0.9 every 5 epochs", choices=("cosine", "step"))
     grad_clip: float = option(1.0, "the largest gradient norm of a step", metavar="X")
     patience: int = option(10, "early stopping: epochs without a better validation loss", metavar="N")
-    objective: str = option("nce", "the label-free loss: nce (pairwise_nce, the paper's) or sigmoid "
-                            "(pairwise_sigmoid)", choices=("nce", "sigmoid"))
+    objective: str = option("nce", "the label-free loss: nce (pairwise_nce, the paper's), sigmoid "
+                            "(pairwise_sigmoid) or gram (gram_nce: all modalities at once)",
+                            choices=("nce", "sigmoid", "gram"))
+    anchor: str = option("", "--objective gram's anchor modality, whose samples are contrasted with the tuples "
+                         "of the others; default: the data's first", metavar="NAME")
     temperature: float = option(0.07, "the initial temperature, learned (SigLIP starts the sigmoid objective at "
                                 "0.1)", metavar="T")
     bias: float = option(-10.0, "the sigmoid objective's initial bias b, learned", metavar="B")
     pairs: str = option("all", "the loss's modality pairs: all, anchor:NAME (NAME with every other) or A-B,C-D",
                         metavar="SPEC")
-    label_smoothing: float = option(0.0, "pairwise_nce's label smoothing, in [0, 1)", metavar="X")
+    label_smoothing: float = option(0.0, "pairwise_nce's or gram_nce's label smoothing, in [0, 1)", metavar="X")
     views: int = option(1, "2: two random temporal crops of every clip per step, positives by clip (the "
                         "authors')", choices=(1, 2))
     crop_length: int = option(0, "time steps per crop with --views 2; 0: half of each modality's time axis",
@@ -232,8 +235,12 @@ def check_config(cfg: Config) -> None:
     need(cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}")
     need(math.isfinite(cfg.bias), f"--bias must be a finite number, got {cfg.bias}")
     need(0.0 <= cfg.label_smoothing < 1.0, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
-    need(cfg.label_smoothing == 0.0 or cfg.objective == "nce",
-         "--label-smoothing applies to --objective nce (the sigmoid objective has none)")
+    need(cfg.label_smoothing == 0.0 or cfg.objective in ("nce", "gram"),
+         "--label-smoothing applies to --objective nce or gram (the sigmoid objective has none)")
+    need(not cfg.anchor or cfg.objective == "gram", "--anchor applies to --objective gram (the pairwise "
+         "objectives take --pairs anchor:NAME)")
+    need(cfg.pairs == "all" or cfg.objective != "gram", "--pairs applies to the pairwise objectives; --objective "
+         "gram scores all modalities at once (its anchor: --anchor)")
     need(cfg.crop_length >= 0, f"--crop-length must be >= 0 (0: half of each time axis), got {cfg.crop_length}")
     pair_spec(cfg.pairs)
     encoder_spec(cfg.encoder)

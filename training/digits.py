@@ -31,16 +31,42 @@ VECTOR = "bottom_right"
 SHARES = (0.6, 0.2)  # train, valid; the rest is test
 
 
+def splits(n: int, seed: int) -> list[tuple[str, np.ndarray]]:
+    """A random 60/20/20 train/valid/test split of n samples: [(split, indices)]."""
+    order = np.random.default_rng(seed).permutation(n)
+    cut = np.cumsum([round(share * n) for share in SHARES])
+    return list(zip(("train", "valid", "test"), np.split(order, cut)))
+
+
+def write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """The arrays as an .npz at ``path``, atomically (its folder made if needed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def cli(prog: str, description: str, write, argv) -> int:
+    """``prog PATH [--seed S]``: write the data set's .npz (``write(path, seed)`` returns its arrays)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("path", help="the .npz to write, e.g. data/NAME.npz")
+    p.add_argument("--seed", type=int, default=0, help="the random train/valid/test split")
+    args = p.parse_args(argv)
+    try:
+        arrays = write(args.path, args.seed)
+    except OSError as e:
+        p.error(f"cannot write {args.path} ({e.strerror or e})")
+    print(f"wrote {args.path}: " + ", ".join(f"{name} {'x'.join(map(str, a.shape))}"
+                                             for name, a in arrays.items() if name.startswith("train/")))
+    return 0
+
+
 def digits_arrays(seed: int = 0) -> dict[str, np.ndarray]:
     """{"{split}/{name}": array} for the four quadrants and the labels (see the module docstring)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images, labels = digits.images.astype(np.float32), digits.target.astype(np.int64)  # (1797, 8, 8), (1797,)
-    order = np.random.default_rng(seed).permutation(len(labels))
-    cut = np.cumsum([round(share * len(labels)) for share in SHARES])
     out = {}
-    for split, idx in zip(("train", "valid", "test"), np.split(order, cut)):
+    for split, idx in splits(len(labels), seed):
         for name, (rows, cols) in QUADRANTS.items():
             quadrant = images[idx][:, rows, cols]
             out[f"{split}/{name}"] = quadrant.reshape(len(idx), -1) if name == VECTOR else quadrant
@@ -53,23 +79,12 @@ def digits_arrays(seed: int = 0) -> dict[str, np.ndarray]:
 def write_digits(path: str, seed: int = 0) -> dict[str, np.ndarray]:
     """Write the .npz to ``path`` atomically; returns its arrays."""
     arrays = digits_arrays(seed)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    write_npz(path, arrays)
     return arrays
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastpair.training.digits", description=__doc__.splitlines()[0])
-    p.add_argument("path", help="the .npz to write, e.g. data/digits.npz")
-    p.add_argument("--seed", type=int, default=0, help="the random train/valid/test split")
-    args = p.parse_args(argv)
-    try:
-        arrays = write_digits(args.path, args.seed)
-    except OSError as e:
-        p.error(f"cannot write {args.path} ({e.strerror or e})")
-    print(f"wrote {args.path}: " + ", ".join(f"{name} {'x'.join(map(str, a.shape))}"
-                                             for name, a in arrays.items() if name.startswith("train/")))
-    return 0
+    return cli("python -m fastpair.training.digits", __doc__.splitlines()[0], write_digits, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 
 1. Train an encoder and a projection head per modality of the data (``fastpair.training.modalities``:
    ``--encoder``, ``--pairs``) with pairwise_nce (learnable temperature; ``--label-smoothing``; or, with
-   ``--objective sigmoid``, pairwise_sigmoid with a learnable temperature and bias) on the train split, no
+   ``--objective sigmoid``, pairwise_sigmoid with a learnable temperature and bias; with ``--objective gram``,
+   gram_nce with a learnable temperature and ``--anchor``) on the train split, no
    labels (``--transductive``: also on valid and test, as the authors' code did; ``--views 2``: two crops of
    every clip per step, ``fastpair.training.views``). Every epoch
    DIR/checkpoint.pt holds the full state and DIR/best.pt the model with the lowest validation loss
@@ -50,7 +51,8 @@ from .runlog import summary_writer
 from .train import fit, take
 from .world import World, agreed, check_device, check_same_run, device_of, process_group, torchrun_world
 
-ENCODER_NAMES = ("pairwise_nce", "pairwise_sigmoid", "random_init", "supervised")  # the order of the results
+# the order of the results
+ENCODER_NAMES = ("pairwise_nce", "pairwise_sigmoid", "gram_nce", "random_init", "supervised")
 
 
 def train_and_probe(command: Command) -> None:

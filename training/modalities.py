@@ -1,4 +1,5 @@
-"""A run's modalities: the encoder of each and the loss's pairs, from --encoder, --pairs and the data.
+"""A run's modalities: the encoder of each, the loss's pairs and GRAM's anchor, from --encoder, --pairs,
+--anchor and the data.
 
 The modalities are the data's (``MERData.modalities``, in its order); ``--encoder NAME=KIND`` overrides
 ``models.default_encoder`` for NAME; ``--pairs`` picks the loss's pairs by name ("all": every pair, in
@@ -19,6 +20,7 @@ class Modalities:
     names: tuple[str, ...]  # the data's, in order
     kinds: dict[str, str]  # name -> encoder (a key of models.ENCODERS)
     pairs: list[tuple[int, int]] | None  # indices into names; None: every pair
+    anchor: int = 0  # --objective gram's anchor, an index into names
 
     def pair_names(self) -> list[str]:
         """"A-B" per pair of the loss, in its order."""
@@ -30,7 +32,10 @@ class Modalities:
 
 def of(cfg: Config, data) -> Modalities:
     names = tuple(data.modalities)
-    return Modalities(names, _encoders(cfg, data, names), _pairs(cfg.pairs, names))
+    if cfg.anchor:
+        _known(cfg.anchor, names, "--anchor")
+    anchor = names.index(cfg.anchor) if cfg.anchor else 0
+    return Modalities(names, _encoders(cfg, data, names), _pairs(cfg.pairs, names), anchor)
 
 
 def _known(name: str, names: tuple[str, ...], option: str) -> None:

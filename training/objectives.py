@@ -16,6 +16,10 @@ checkpoint is an objective's state_dict.
 - ``pairwise_sigmoid`` (``--objective sigmoid``, no labels): the same encoders and heads with SigLIP's loss,
   L_pq = -(1/n) sum_ij log sigmoid(z_ij (S_ij + b)), z_ij = +1 for i = j, -1 else, with a learnable t and
   b (``fastpair.PairwiseSigmoid``).
+- ``gram_nce`` (``--objective gram``, no labels): the same encoders and heads with GRAM's volume loss of all
+  modalities at once (``fastpair.GramNCE``): the anchor's (``--anchor``, the first by default) samples against
+  the tuples of the other modalities, scored by the volume their unit vectors span, InfoNCE both ways, with
+  a learnable t (``--label-smoothing`` its label_smoothing).
 - ``supervised`` (a baseline): a linear head on the concatenation of every f_m, trained with
   the labels: cross-entropy over the classes, or the L1 error of sentiment scores (MulT's regression loss).
   The projection heads are unused.
@@ -29,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastpair import GradCache, PairwiseNCE, PairwiseSigmoid
+from fastpair import GradCache, GramNCE, PairwiseNCE, PairwiseSigmoid
 
 from . import modalities
 from .config import Config
@@ -122,6 +126,28 @@ class PairwiseSigmoidObjective(LabelFree):
                                     pairs=self.modalities.pairs)
 
 
+class GramObjective(LabelFree):
+    """GRAM's volume loss of all modalities at once: the anchor's samples against the tuples of the others."""
+
+    name = "gram_nce"
+
+    def __init__(self, cfg: Config, data):
+        super().__init__(cfg, data)
+        self.loss = GramNCE(len(self.modalities.names), anchor=self.modalities.anchor, temperature=cfg.temperature,
+                            label_smoothing=cfg.label_smoothing)
+
+    def validation(self, batch):
+        loss, stats = self(batch, stats=True)
+        return loss, {"direction_loss": stats["direction_losses"], "direction_accuracy": stats["direction_accuracy"]}
+
+    def summary(self, stats):
+        anchor = self.modalities.names[self.modalities.anchor]
+        names = (f"{anchor}->tuples", f"tuples->{anchor}")
+        return {"valid_direction_loss": {k: float(v) for k, v in zip(names, stats["direction_loss"])},
+                "valid_direction_accuracy": {k: float(v) for k, v in zip(names, stats["direction_accuracy"])},
+                "temperature": float(self.loss.temperature.detach().float())}
+
+
 class SupervisedObjective(Objective):
     name = "supervised"
     uses_labels = True
@@ -141,8 +167,10 @@ class SupervisedObjective(Objective):
         return nn.functional.l1_loss(pred.squeeze(1), batch["y"])
 
 
-OBJECTIVES = {o.name: o for o in (PairwiseNCEObjective, PairwiseSigmoidObjective, SupervisedObjective)}
-LABEL_FREE = {"nce": PairwiseNCEObjective.name, "sigmoid": PairwiseSigmoidObjective.name}  # by --objective
+OBJECTIVES = {o.name: o for o in (PairwiseNCEObjective, PairwiseSigmoidObjective, GramObjective,
+                                  SupervisedObjective)}
+LABEL_FREE = {"nce": PairwiseNCEObjective.name, "sigmoid": PairwiseSigmoidObjective.name,  # by --objective
+              "gram": GramObjective.name}
 
 
 def build(cfg: Config, data, name: str) -> Objective:

@@ -391,8 +391,9 @@ def _plot(path: str, dataset: str, task: str, rows: list[dict]) -> None:
 def write_results(out_dir, dataset: str, task: str, rows: list[dict], meta: dict | None = None) -> None:
     """Write DIR/results.json and DIR/results.png, each atomically (temporary file + os.replace).
 
-    rows: [{"encoder": "pairwise_nce" | "pairwise_sigmoid" | "random_init" | "supervised", "modalities": [...],
-    "metrics": {...}}], at least one; "modalities" names the data's modalities in full, any set of them.
+    rows: [{"encoder": "pairwise_nce" | "pairwise_sigmoid" | "gram_nce" | "random_init" | "supervised",
+    "modalities": [...], "metrics": {...}}], at least one; "modalities" names the data's modalities in full,
+    any set of them.
     results.json = {"dataset", "task", **meta, "rows": [{"encoder", "modalities", "metrics"}]} (``meta``: more
     JSON-ready keys, fastpair-train's provenance; it cannot replace those three); every metric must be a
     finite number (ValueError naming the row and metric otherwise; nothing is written then). results.png: a

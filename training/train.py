@@ -153,7 +153,7 @@ def evaluate(model: Objective, tensors, batch_size: int, device, progress: bool 
 
 
 def fit(cfg: Config, data, objective: str, out_dir: str, resume: bool, log=print) -> Objective:
-    """Train ``objective`` ("pairwise_nce", "pairwise_sigmoid" or "supervised", see
+    """Train ``objective`` ("pairwise_nce", "pairwise_sigmoid", "gram_nce" or "supervised", see
     ``fastpair.training.objectives``) and return the model with its best-validation weights (DIR/best.pt).
 
     Under a started process group (torchrun) every rank calls it with the same arguments and data: the
