@@ -61,7 +61,7 @@ ARCHES = {
     "sm_90a": Arch("sm_90a", 90, "H100", 227 * 1024, 228 * 1024, "HGMMA"),
     "sm_100a": Arch("sm_100a", 100, "B200", 227 * 1024, 228 * 1024, "UTC", 512),  # tcgen05: UTCHMMA, UTCQMMA, ...
 }
-DOT_KERNELS = ("fwd_kernel", "grad_panel_kernel")  # the kernels with a tl.dot
+DOT_KERNELS = compile_report.DOT_KERNELS
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def variant_id(v: launches.Variant) -> str:
 def precision_class(v: launches.Variant) -> str:
     """"16-bit", "tf32", "tf32x3" or "ieee" (fp32 on FMA units); the input-gradient kernel, which has no dot,
     by its dtype."""
-    dtype = dict(v.signature)["z_ptr"].lstrip("*")
+    dtype = v.signature[0][1].lstrip("*")
     if dtype != "fp32":
         return "16-bit"
     return v.flags.get("INPUT_PRECISION", "fp32")
@@ -98,7 +98,6 @@ def _worker_init(cache_dir: str) -> None:
 def compile_job(job: Job) -> dict:
     """Compile one job and read what the compiler decided; a failure is a record with its error."""
     import triton
-    from fastpair.kernels import jit
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -114,7 +113,7 @@ def compile_job(job: Job) -> dict:
     start = time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):
-            kernel = triton.compile(ASTSource(getattr(jit, v.kernel), dict(v.signature), constexprs, attrs),
+            kernel = triton.compile(ASTSource(launches.KERNELS[v.kernel], dict(v.signature), constexprs, attrs),
                                     target=GPUTarget("cuda", arch.capability, 32), options=options)
     except Exception as err:  # noqa: BLE001 - a compile failure is a result of the report
         record["error"] = f"{type(err).__name__}: {str(err)[-2000:]}"

@@ -7,6 +7,7 @@ import statistics
 
 PRECISIONS = ("16-bit", "tf32", "tf32x3", "ieee")
 TENSOR_CORES = ("16-bit", "tf32", "tf32x3")  # dots on tensor cores; "ieee" (asked for) runs on FMA units
+DOT_KERNELS = ("fwd_kernel", "grad_panel_kernel", "gram_fwd_kernel", "gram_grad_kernel")  # those with a tl.dot
 
 
 def rows(data: dict) -> list[dict]:
@@ -42,7 +43,7 @@ def tallies(data: dict) -> dict:
         rs = [r for r in rows(data) if r["job"]["arch"] == arch]
         ok = [r for r in rs if r["ok"]]
         dots = [r for r in ok if r["job"]["precision"] in TENSOR_CORES
-                and r["job"]["kernel"] in ("fwd_kernel", "grad_panel_kernel")]
+                and r["job"]["kernel"] in DOT_KERNELS]
         out[arch] = dict(
             gpu=info["gpu"], compilations=len(rs), failures=len(rs) - len(ok),
             spilling=sum(1 for r in ok if _spills(r)), max_spill=max((_spills(r) for r in ok), default=0),

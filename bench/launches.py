@@ -1,13 +1,14 @@
 """The Triton launches fastpair's host code makes, captured on a machine without a GPU (for bench/compile.py).
 
-`capture(case)` runs one forward and backward of the public function on small CPU tensors with the three
-kernels replaced by recorders: a launch is recorded (kernel, argument types and alignments, constexprs) and
-its outputs zero-filled instead of computed. The host logic is the real one: the launchers pick the dtypes,
-flags (HAS_MASK, BOUNDED, STATS, NEEDS_DT, ...), the input precision and, for the input-gradient kernel, the
-tiles, exactly as they do on a GPU. What a capture cannot see, the autotuner's choice, is enumerated in
-`configs`: the candidates the autotuner's pruning leaves for an architecture at every N bucket (1 .. 2^20).
-N is never specialized (do_not_specialize), so a capture at a small N stands for every N; D is, through the
-D bucket (BLOCK_K) and the input gradient's row length, so cases name their D.
+`capture(case)` runs one forward and backward of the public function on small CPU tensors with the kernels (the
+three pairwise ones, and GRAM's two) replaced by recorders: a launch is recorded (kernel, argument types and
+alignments, constexprs) and its outputs zero-filled instead of computed. The host logic is the real one: the
+launchers pick the dtypes, flags (HAS_MASK, BOUNDED, STATS, NEEDS_DT, ...), the input precision and, for the
+untuned kernels (the input gradient, GRAM's), the tiles, exactly as they do on a GPU. What a capture cannot see,
+the autotuner's choice, is enumerated in `configs`: the candidates the autotuner's pruning leaves for an
+architecture at every N bucket (1 .. 2^20). N is never specialized (do_not_specialize), so a capture at a small N
+stands for every N; D is, through the D bucket (BLOCK_K) and the input gradient's row length, so cases name their
+D.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from unittest import mock
 
 import fastpair.kernels
 import torch
-from fastpair.kernels import jit, launch, tuning
+from fastpair.kernels import gram, gram_ops, jit, launch, tuning
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
@@ -33,14 +34,17 @@ OUTPUTS = {  # what a recorder zero-fills, so that the host code after a launch 
     "fwd_kernel": ("lse_ptr", "diag_ptr", "arg_ptr", "colsum_ptr"),
     "grad_panel_kernel": ("w_ptr", "sgs_ptr", "sgb_ptr"),
     "input_grad_kernel": ("out_ptr",),
+    "gram_fwd_kernel": ("lse_ptr", "tgt_ptr", "best_ptr", "arg_ptr"),
+    "gram_grad_kernel": ("g_ptr", "part_ptr", "wv_ptr"),
 }
+KERNELS = {name: getattr(jit, name, None) or getattr(gram, name) for name in OUTPUTS}  # by name
 
 
 @dataclass(frozen=True)
 class Case:
     """One call of the public API, as the options that can change what the kernels compile to."""
 
-    objective: str = "nce"  # "nce" (pairwise_nce) or "sigmoid" (pairwise_sigmoid)
+    objective: str = "nce"  # "nce" (pairwise_nce), "sigmoid" (pairwise_sigmoid) or "gram" (gram_nce)
     dtype: str = "bfloat16"  # "bfloat16", "float16" or "float32"
     fp32: str = "none"  # torch.backends.cuda.matmul.fp32_precision for float32 inputs: "none", "tf32", "ieee"
     d: int = 512
@@ -50,12 +54,14 @@ class Case:
     stats: bool = False
     deterministic: bool = False
     ids: bool = False
+    m: int = 3  # modalities (GRAM: its kernels specialize on k = M - 1)
 
     @property
     def label(self) -> str:
         precision = f"fp32/{self.fp32}" if self.dtype == "float32" else self.dtype
         flags = [f for f in ("mask", "stats", "deterministic", "ids") if getattr(self, f)]
         flags += [] if self.normalize else ["unnormalized"]
+        flags += [] if self.m == 3 else [f"M={self.m}"]
         return " ".join([self.objective, precision, f"D={self.d}", f"t={self.temperature}", *flags])
 
 
@@ -78,6 +84,20 @@ def grid() -> list[Case]:
         cases.append(case)
     for d, objective, dtype, t in itertools.product(OTHER_D, GRID["objective"], GRID["dtype"], ("number", "learned")):
         cases.append(Case(objective=objective, dtype=dtype, d=d, temperature=t))
+    return cases + gram_grid()
+
+
+def gram_grid() -> list[Case]:
+    """gram_nce's calls: its kernels specialize on k (M = 2, 3, 4), the precision, the mask, the targets and
+    the statistics (the temperature is read on the device: a number and a tensor launch alike)."""
+    cases = []
+    for m, dtype, fp32, mask, stats, ids in itertools.product((2, 3, 4), GRID["dtype"], GRID["fp32"], (False, True),
+                                                              (False, True), (False, True)):
+        if dtype != "float32" and fp32 != "none":
+            continue
+        cases.append(Case(objective="gram", dtype=dtype, fp32=fp32, mask=mask, stats=stats, ids=ids, m=m))
+    cases += [Case(objective="gram", dtype=dtype, d=d, temperature="learned")
+              for d in OTHER_D for dtype in GRID["dtype"]]
     return cases
 
 
@@ -103,12 +123,13 @@ class Variant:
         "fwd bf16 ieee BOUNDED ATOMIC_COLS"."""
         flags = self.flags
         on = [k for k, v in flags.items() if v is True]
-        dtype = dict(self.signature)["z_ptr" if "z_ptr" in dict(self.signature) else "dx_ptr"].lstrip("*")
+        dtype = self.signature[0][1].lstrip("*")  # the first argument: the inputs (z, dx or x_a)
         precision = flags.get("INPUT_PRECISION", "")
         aligned = dict(self.attrs).get(self.arg_index("stride_n" if self.tuned else "stride"))
         unaligned = "" if aligned else " D%16!=0"
         name = self.kernel.removesuffix("_kernel")
-        return " ".join(x for x in (name, dtype, precision, *on) if x) + unaligned
+        ints = [f"{k}={flags[k]}" for k in ("K", "DIRECTION") if k in flags]  # GRAM's k and sweep direction
+        return " ".join(x for x in (name, dtype, precision, *ints, *on) if x) + unaligned
 
     def arg_index(self, name: str) -> int:
         return [a for a, _ in self.signature].index(name)
@@ -139,7 +160,7 @@ def _variant(fn, tuned: bool, args, kwargs) -> Variant:
     backend = make_backend(_TARGET)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     placeholder = {k: 16 for k in TILES} if tuned else {}
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     bound, specialization, _ = binder(*args, **kwargs, **placeholder, debug=False)
     _, signature, constexprs, attrs = fn._pack_args(backend, dict(kwargs, **placeholder), bound, specialization, {})
     names = fn.arg_names
@@ -164,6 +185,8 @@ def _recording(sink: list):
         stack.enter_context(mock.patch.object(tuning, "panel_tuned", _Recorder(jit.grad_panel_kernel, True, sink)))
         stack.enter_context(mock.patch.object(launch, "input_grad_kernel",
                                               _Recorder(jit.input_grad_kernel, False, sink)))
+        for name in ("gram_fwd_kernel", "gram_grad_kernel"):
+            stack.enter_context(mock.patch.object(gram_ops, name, _Recorder(KERNELS[name], False, sink)))
         yield
 
 
@@ -200,17 +223,19 @@ def capture(case: Case) -> list[Variant]:
     """The kernels one forward + backward of `case` launches, in launch order."""
     gen = torch.Generator().manual_seed(0)
     dtype = getattr(torch, case.dtype)
-    zs = [torch.randn(CAPTURE_N, case.d, generator=gen).to(dtype).requires_grad_() for _ in range(3)]
+    zs = [torch.randn(CAPTURE_N, case.d, generator=gen).to(dtype).requires_grad_() for _ in range(case.m)]
     kwargs = dict(temperature=_temperature(case), normalize=case.normalize, return_stats=case.stats,
                   backend="triton")
     if case.mask:
-        kwargs["mask"] = torch.rand(3, CAPTURE_N, generator=gen) > 0.2
+        kwargs["mask"] = torch.rand(case.m, CAPTURE_N, generator=gen) > 0.2
     if case.ids:
         kwargs["ids"] = torch.arange(CAPTURE_N) // 2
     if case.objective == "sigmoid":
         learned = case.temperature == "learned"
         kwargs["bias"] = torch.tensor(-10.0, requires_grad=True) if learned else -10.0
         loss_fn = fastpair.pairwise_sigmoid
+    elif case.objective == "gram":
+        loss_fn = fastpair.gram_nce
     else:
         loss_fn = fastpair.pairwise_nce
     sink: list[Variant] = []

@@ -133,9 +133,9 @@ def _sigmoid(backend: str) -> Callable:
     return lambda zs: pairwise_sigmoid(*zs, temperature=SIGMOID_TEMPERATURE, bias=SIGMOID_BIAS, backend=backend)
 
 
-def _gram(zs):
+def _gram(backend: str) -> Callable:
     """GRAM's volume loss of the three modalities at once, the first as the anchor (one term, not three pairs)."""
-    return gram_nce(*zs, temperature=TEMPERATURE, backend="torch")
+    return lambda zs: gram_nce(*zs, temperature=TEMPERATURE, backend=backend)
 
 
 def _plain_gram(zs):
@@ -238,7 +238,8 @@ _SPECS = [
     ("plain-sigmoid", BOTH, lambda: _plain_sigmoid, {}),
     ("open_clip-siglip-x3", BOTH, _open_clip_siglip, {}),
     ("siglip_kernel-x3", CUDA, _siglip_kernel, {}),
-    ("fastpair-torch-gram", BOTH, lambda: _gram, {}),
+    ("fastpair-triton-gram", CUDA, lambda: _gram("triton"), {}),
+    ("fastpair-torch-gram", BOTH, lambda: _gram("torch"), {}),
     ("plain-gram", BOTH, lambda: _plain_gram, {}),
 ]
 NAMES = [name for name, *_ in _SPECS]

@@ -114,6 +114,9 @@ def describe(embeddings, *, temperature, weights, mask, normalize, return_stats,
                 backend=_resolve_backend(backend, z), block_size=block_size, objective=objective, bias=bias)
 
 
+GRAM_TRITON_MAX_K = 3  # the kernels hold the k similarity tiles of a tile in registers: M <= 4
+
+
 def describe_gram(embeddings, *, anchor, temperature, mask, ids, label_smoothing, normalize, return_stats, backend,
                   block_size) -> Call:
     """Check one call of gram_nce: the Call of objective "gram", whose pairs are (anchor, o) for the other
@@ -136,13 +139,16 @@ def describe_gram(embeddings, *, anchor, temperature, mask, ids, label_smoothing
         _check_ids(ids, z.shape[0], z.device)
     _check_flag("return_stats", return_stats)
     check_backend(backend)
-    if backend == "triton":
-        raise NotImplementedError("gram_nce has no Triton kernels yet: backend='torch' (which 'auto' picks) runs it "
-                                  "on any device, CUDA included, in O(N) memory")
     _check_block_size(block_size)
+    resolved = _resolve_backend(backend, z)
+    if resolved == "triton" and len(pairs) > GRAM_TRITON_MAX_K:
+        if backend == "triton":
+            raise ValueError(f"gram_nce's Triton kernels take at most {GRAM_TRITON_MAX_K + 1} modalities, got "
+                             f"{num_modalities}; backend='torch' (which 'auto' picks for them) takes any number")
+        resolved = "torch"
     return Call(pairs=pairs, temperature=_per_pair("temperature", temperature, 1), weights=(1.0,) * len(pairs),
                 mask=mask, ids=ids, label_smoothing=check_label_smoothing(label_smoothing), normalize=True,
-                return_stats=return_stats, backend="torch", block_size=block_size, objective="gram")
+                return_stats=return_stats, backend=resolved, block_size=block_size, objective="gram")
 
 
 def gram_directions(call: Call) -> Call:

@@ -171,8 +171,8 @@ def gram_nce(
         ids: optional int32/int64 (N,): samples with equal ids are positives of each other.
         label_smoothing: eps in [0, 1), as for ``pairwise_nce``.
         normalize: must be True (the volume is that of unit vectors); False raises ValueError.
-        backend: "auto" or "torch" (exact pure PyTorch, any device, CUDA included); "triton" raises
-            NotImplementedError until GRAM's kernels exist.
+        backend: "auto" (the Triton kernels for CUDA tensors and M <= 4, else "torch"), "torch" (exact pure
+            PyTorch, any device, any M) or "triton" (M <= 4).
         group: a torch.distributed process group: negatives from every rank, as for ``pairwise_nce``.
         return_stats: also return ``{"direction_losses": (2,), "direction_accuracy": (2,)}`` (detached,
             float32): the loss and the top-1 retrieval accuracy of anchor -> tuples and tuples -> anchor.
@@ -211,7 +211,12 @@ def _run(embeddings, group, return_stats: bool, arguments: dict, describe=descri
         return _shapes_only(embeddings, call, return_stats)
 
     if call.objective == "gram":
-        loss, losses, accuracy = gram_nce_torch(embeddings, call)
+        if call.backend == "triton":
+            from .kernels.gram_ops import gram_nce_triton
+
+            loss, losses, accuracy = gram_nce_triton(list(embeddings), call)
+        else:
+            loss, losses, accuracy = gram_nce_torch(embeddings, call)
         return (loss, {"direction_losses": losses, "direction_accuracy": accuracy}) if return_stats else loss
     if call.objective == "sigmoid":
         loss, pair_losses, accuracy = _sigmoid(embeddings, call)

@@ -239,7 +239,7 @@ class GramNCE(_TemperatureLoss):
         learn_temperature: learn t (a parameter); False keeps it fixed (a buffer, saved with the module).
         max_logit_scale: the largest 1/t the clamp allows (CLIP: 100).
         label_smoothing: eps in [0, 1), as ``F.cross_entropy(label_smoothing=eps)``.
-        backend: "auto" or "torch" (see ``fastpair.gram_nce``).
+        backend: "auto", "torch" or "triton" (see ``fastpair.gram_nce``).
 
     Example:
         ```python

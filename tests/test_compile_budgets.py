@@ -23,7 +23,7 @@ import sys
 
 import pytest
 
-from bench.compile_report import rows
+from bench.compile_report import DOT_KERNELS, rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TENSOR_CORES = ("16-bit", "tf32", "tf32x3")  # input precisions whose dots must run on tensor cores
@@ -78,7 +78,7 @@ def test_no_spills(report):
 
 def test_dots_run_on_tensor_cores(report):
     """fp32 too: TF32 or 3xTF32 products; never FMA dots unless IEEE fp32 was asked for."""
-    dots = [r for r in report["rows"] if r["ok"] and r["job"]["kernel"] in ("fwd_kernel", "grad_panel_kernel")
+    dots = [r for r in report["rows"] if r["ok"] and r["job"]["kernel"] in DOT_KERNELS
             and r["job"]["precision"] in TENSOR_CORES]
     assert dots
     missing = [_where(r) for r in dots if not any(op.startswith(MMA[r["job"]["arch"]]) for op in r["mma"])]
@@ -124,6 +124,12 @@ def _launched(report, case_label: str) -> list[dict]:
     ("nce bfloat16 D=512 t=learned", "grad_panel_kernel", {"NEEDS_DT": True, "BOUND_ON_DEVICE": True}),
     ("sigmoid bfloat16 D=512 t=learned", "grad_panel_kernel", {"NEEDS_DT": True, "NEEDS_DB": True, "SIGMOID": True}),
     ("nce bfloat16 D=512 t=number stats", "fwd_kernel", {"STATS": True, "ATOMIC_COLS": False}),
+    # GRAM: k = M - 1 similarity tiles, both sweep directions, the targets by id, 3xTF32 for fp32
+    ("gram fp32/none D=512 t=number ids M=4", "gram_fwd_kernel", {"K": 3, "DIRECTION": 1, "IDENTITY": False,
+                                                                   "INPUT_PRECISION": "tf32x3"}),
+    ("gram bfloat16 D=512 t=number mask stats M=2", "gram_fwd_kernel", {"K": 1, "DIRECTION": 0, "HAS_MASK": True,
+                                                                         "STATS": True}),
+    ("gram bfloat16 D=512 t=number", "gram_grad_kernel", {"K": 2, "IDENTITY": True}),
 ])
 def test_capture_records_what_the_launchers_choose(report, case, kernel, flags):
     """The report compiles what the host code launches: a case's launches carry the flags its options imply."""

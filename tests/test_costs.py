@@ -39,6 +39,9 @@ OPS = {
     # GRAM (2026-12-02): per row block k tiles, the volumes and their gradient's elementwise passes
     ("gram", "torch", 64, "numbers"): (430, 255), ("gram", "torch", 64, "tensors"): (445, 265),
     ("gram", "torch", 2048, "numbers"): (1600, 865), ("gram", "torch", 2048, "tensors"): (1630, 895),
+    # GRAM's Triton path: the per-column matrices, the epilogue and the backward's GEMMs are PyTorch ops
+    ("gram", "triton", 64, "numbers"): (300, 170), ("gram", "triton", 64, "tensors"): (300, 172),
+    ("gram", "triton", 128, "numbers"): (320, 180), ("gram", "triton", 128, "tensors"): (320, 182),
 }
 LOSSES = {"nce": pairwise_nce, "sigmoid": pairwise_sigmoid, "gram": gram_nce}
 PANEL_ROWS = {64: None, 128: 32}  # the Triton backward's rows per panel (None: one panel per pair)
@@ -72,6 +75,12 @@ def _panel_height(n, elem):
     return launch._panel_shape(n, n, elem, None, None)[0]
 
 
+def _gram_panel(n):
+    from fastpair.kernels import gram_ops
+
+    return min(n, gram_ops.panel_rows(n, M - 1))
+
+
 def _extra_budget(backend, n, elem, objective="nce"):
     """Bytes a call may hold beyond its inputs and gradients, at most at once.
     torch: the normalized inputs, the fp32 gradient being accumulated and the normalization backward's
@@ -79,8 +88,11 @@ def _extra_budget(backend, n, elem, objective="nce"):
     many rows, k + 4 of them in its backward (the k tiles, the volumes, W, a product, the mask of det G > 0).
     Triton: the stacked inputs (M N D, input dtype), the fp32 gradient accumulator (M N D), one row panel of
     W (rows x N, input dtype), and O(N) statistics (28 to 36 fp32 vectors of N measured; 48 allowed)."""
-    if objective == "gram":
+    if objective == "gram" and backend == "torch":
         return 3 * M * n * D * 4 + (M - 1 + 4) * min(max(16, default_block(n) // 2), n) * n * 4 + 64 * n * 4
+    if objective == "gram":  # the unit vectors and their stack (input dtype), their fp32 copies and gradients,
+        # the K panels of rows x N (fp32) and the column partial sums, O(N) vectors
+        return 2 * M * n * D * elem + 2 * M * n * D * 4 + (M - 1) * _gram_panel(n) * n * 4 + 48 * n * 4
     if backend == "torch":
         return 3 * M * n * D * 4 + 2 * min(default_block(n), n) * n * 4 + 64 * n * 4
     return M * n * D * elem + M * n * D * 4 + _panel_height(n, elem) * n * elem + 48 * n * 4
@@ -91,6 +103,7 @@ CASES = [(objective, backend, n, parameters)
          for backend, sizes in (("torch", (64, 2048)), ("triton", (64, 128)))
          for n in sizes for parameters in ("numbers", "tensors")]
 CASES += [("gram", "torch", n, parameters) for n in (64, 2048) for parameters in ("numbers", "tensors")]
+CASES += [("gram", "triton", n, parameters) for n in (64, 128) for parameters in ("numbers", "tensors")]
 
 
 @pytest.mark.parametrize("objective,backend,n,parameters", CASES)
@@ -105,12 +118,17 @@ def test_costs_within_budget(objective, backend, n, parameters, monkeypatch):
     step, zs, kw = _step(objective, backend, n, parameters)
     step()  # the first call compiles and fills caches: one-time costs
     costs, _ = measure(step)
-    launches = 0 if backend == "torch" else 1 + P * -(-n // _panel_height(n, zs[0].element_size())) + 1
+    if backend == "torch":
+        launches = 0
+    elif objective == "gram":  # both forward directions, one gradient launch per row panel
+        launches = 2 + -(-n // _gram_panel(n))
+    else:
+        launches = 1 + P * -(-n // _panel_height(n, zs[0].element_size())) + 1
     assert costs.launches == launches, costs
     ops, kernels = OPS[objective, backend, n, parameters]
     assert costs.ops <= ops and costs.kernels <= kernels, costs
     tensors = sum(isinstance(v, torch.Tensor) for v in kw.values())
-    reads = tensors if backend == "torch" else 0
+    reads = tensors if backend == "torch" else 0  # GRAM's kernels read the temperature on the device too
     assert len(costs.reads) == reads, costs.reads
     grads = {z.grad.untyped_storage().data_ptr(): z.grad.untyped_storage().nbytes() for z in zs}
     extra = costs.peak_bytes - sum(grads.values())

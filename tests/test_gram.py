@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, condition_scale, make_embeddings
+from helpers import assert_close, condition_scale, device_for, make_embeddings, triton_runs
 
 from fastpair import GramNCE, gram_nce, pairwise_nce
 from fastpair.reference import gram_nce_reference
@@ -40,12 +40,15 @@ def _kwargs(case: str, m: int, n: int) -> dict:
     return kw
 
 
-def _check(zs, kw, block_size=None, dtype=torch.float64, learnable=False):
+def _check(zs, kw, block_size=None, dtype=torch.float64, learnable=False, backend="torch"):
     """Loss, both directions' statistics and every gradient (the temperature's too) against the reference."""
     t = torch.tensor(kw.pop("temperature", 0.07), dtype=torch.float64)
-    leaves = [z.detach().clone().requires_grad_() for z in zs]
-    t_here = t.clone().requires_grad_() if learnable else float(t)
-    loss, stats = gram_nce(*leaves, temperature=t_here, block_size=block_size, return_stats=True, **kw)
+    device = device_for(backend)
+    leaves = [z.detach().clone().to(device).requires_grad_() for z in zs]
+    t_here = t.clone().to(device).requires_grad_() if learnable else float(t)
+    on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    loss, stats = gram_nce(*leaves, temperature=t_here, block_size=block_size, return_stats=True, backend=backend,
+                           **on_device)
     t_ref = t.clone().requires_grad_() if learnable else float(t)
     ref_leaves = [z.detach().clone().requires_grad_() for z in zs]
     ref, ref_stats = gram_nce_reference(*ref_leaves, temperature=t_ref, return_stats=True, **kw)
@@ -60,7 +63,7 @@ def _check(zs, kw, block_size=None, dtype=torch.float64, learnable=False):
     if learnable:
         assert_close(t_here.grad, t_ref.grad, dtype=dtype, scale=scale, name="dL/dt")
     assert_close(stats["direction_losses"], ref_stats["direction_losses"], scale=scale, name="direction losses")
-    torch.testing.assert_close(stats["direction_accuracy"], ref_stats["direction_accuracy"])
+    torch.testing.assert_close(stats["direction_accuracy"].cpu(), ref_stats["direction_accuracy"])
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -70,6 +73,51 @@ def test_matches_the_materialized_formula(case, m):
     n = 23
     zs = make_embeddings(m, n, 6, seed=m, dtype=torch.float64)
     _check(zs, _kwargs(case, m, n), block_size=5, learnable=True)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_triton_kernels_match_the_materialized_formula(case, m):
+    """The Triton kernels (k = 1, 2, 3) in float32, every case, a learnable t: to float32's rounding, with
+    N spanning two tiles and a partial one (the interpreter on CPU, or a GPU)."""
+    if not triton_runs():
+        pytest.skip("Triton is not available here")
+    n = 70 if torch.cuda.is_available() else 33
+    zs = make_embeddings(m, n, 20, seed=30 + m, dtype=torch.float64)
+    _check([z.float() for z in zs], _kwargs(case, m, n), dtype=torch.float32, learnable=True, backend="triton")
+
+
+def test_triton_backward_in_several_panels(monkeypatch):
+    """Panels of 64 rows (launch.PANEL_BYTES): the row loop of a large batch, at N = 150."""
+    if not triton_runs():
+        pytest.skip("Triton is not available here")
+    from fastpair.kernels import launch
+
+    monkeypatch.setattr(launch, "PANEL_BYTES", 64 * 150 * 4 * 2)
+    zs = make_embeddings(3, 150, 8, seed=40, dtype=torch.float64)
+    kw = dict(_kwargs("mask-ids-cold", 3, 150), temperature=0.05)  # 1/t = 333 would amplify fp32's rounding
+    _check([z.float() for z in zs], kw, dtype=torch.float32, learnable=True, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_kernels_in_16_bit(dtype):
+    """16-bit inputs: unit vectors rounded to 16 bits, fp32 accumulation and volumes, the gradient panels in
+    the inputs' dtype: the loss and the gradients to 16-bit rounding (2^-8 relative, amplified by 1/t)."""
+    if not triton_runs():
+        pytest.skip("Triton is not available here")
+    device = device_for("triton")
+    zs = [z.to(dtype) for z in make_embeddings(3, 40, 24, seed=50, requires_grad=False)]
+    leaves = [z.clone().to(device).requires_grad_() for z in zs]
+    loss = gram_nce(*leaves, backend="triton", ids=torch.arange(40, device=device) // 2)
+    loss.backward()
+    ref_leaves = [z.double().requires_grad_() for z in zs]
+    ref = gram_nce_reference(*ref_leaves, ids=torch.arange(40) // 2)
+    ref.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 5e-3 * abs(ref.item())
+    for a, b in zip(leaves, ref_leaves):
+        assert a.grad.dtype == dtype
+        err = (a.grad.double().cpu() - b.grad).abs().max() / b.grad.abs().max()
+        assert err < 2e-2, float(err)
 
 
 @pytest.mark.parametrize("m", [5, 6])
@@ -224,7 +272,8 @@ def test_module_learns_its_temperature():
     (lambda z: gram_nce(*z, mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "mask must have shape"),
     (lambda z: gram_nce(*z, ids=torch.zeros(3, dtype=torch.long)), ValueError, "ids must have shape"),
     (lambda z: gram_nce(*z, label_smoothing=1.0), ValueError, "label_smoothing"),
-    (lambda z: gram_nce(*z, backend="triton"), NotImplementedError, "no Triton kernels yet"),
+    (lambda z: gram_nce(*z, z[0], z[1], backend="triton"), (ValueError, RuntimeError), "at most 4 modalities|"
+     "needs Triton|CUDA tensors"),
     (lambda z: gram_nce(*z, backend="cuda"), ValueError, "backend must be one of"),
     (lambda z: GramNCE(3, anchor=3), ValueError, "anchor must be an int"),
     (lambda z: GramNCE(1), ValueError, "num_modalities must be an int >= 2"),
