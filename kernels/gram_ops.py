@@ -4,8 +4,9 @@ The embeddings are normalized by PyTorch (F.normalize, with autograd) and handed
 Function computes the per-column det C_j and adj(C_j) (fastpair.volumes), launches the forward sweep in both
 directions, merges the columns across ranks, and hands the statistics to the shared epilogue. Its backward
 launches the gradient panels (K panels of rows x N in the inputs' dtype, at most launch.PANEL_BYTES) and
-multiplies them with cuBLAS (or PyTorch on CPU): dL/dx_a[panel] = sum_l G_l x_ol and dL/dx_ol += G_l^T x_a[panel]; the
-column sums give dL/dC_j (fastpair.volumes.column_grad) and dL/dx_ol += (dC + dC^T) X_j.
+multiplies them with cuBLAS (or PyTorch on CPU): dL/dx_a[panel] = sum_l G_l x_ol and
+dL/dx_ol += G_l^T x_a[panel]; the column sums give dL/dC_j (fastpair.volumes.column_grad) and
+dL/dx_ol += (dC + dC^T) X_j.
 
 The temperature stays on the device (its 1/t is read by the kernels): a tensor is never read on the host,
 and an invalid one gives a NaN loss, as on the pairwise kernels. Tiles: one configuration per precision
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from fastpair import distributed, epilogue
 from fastpair.call import Call, gram_directions
 from fastpair.numerics import LN2
+from fastpair.tables import constant
 from fastpair.targets import group_labels, top1_hits
 from fastpair.volumes import column_grad, det_adj, gram, pairs_of
 
@@ -75,7 +77,8 @@ def gram_nce_triton(embeddings, call: Call):
     xs = [F.normalize(z.float(), dim=1, eps=1e-12).to(z.dtype) for z in embeddings]
     anchor, others = call.pairs[0][0], [q for _, q in call.pairs]
     t = call.temperature
-    temperature = t.tensor if t.tensor is not None else torch.tensor(t.values[0], device=xs[0].device)
+    # a number as a cached device table (torch.tensor(..., device="cuda") would wait for the GPU: tables.py)
+    temperature = t.tensor if t.tensor is not None else constant(t.values[:1], torch.float32, str(xs[0].device))
     return GramTriton.apply(call, temperature, xs[anchor], *(xs[o] for o in others))
 
 
@@ -154,7 +157,8 @@ def _forward(ctx, call: Call, temperature, xa, xo):
     ctx.call, ctx.staged, ctx.coef = call, s, done.coef
     ctx.learn_t = temperature.requires_grad
     ctx.t_meta = (temperature.dtype, temperature.device, temperature.shape)
-    ctx.save_for_backward(xa, *xo, lse_row, lse_col)
+    ctx.in_dtype = xa.dtype
+    ctx.save_for_backward(lse_row, lse_col)  # the unit vectors are in the staged stack, kept in ctx.staged
     accuracy = done.accuracy[:, 0].contiguous()
     ctx.mark_non_differentiable(done.pair_losses, accuracy)
     return done.loss, done.pair_losses, accuracy
@@ -183,17 +187,16 @@ def panel_rows(n: int, k: int) -> int:
 def _backward(ctx, grad_loss):
     call, s = ctx.call, ctx.staged
     k = s.k
-    xa, *xo = ctx.saved_tensors[:1 + k]
-    lse_row, lse_col = ctx.saved_tensors[1 + k:]
-    n = xa.shape[0]
+    lse_row, lse_col = ctx.saved_tensors
+    n, device = s.x.shape[1], s.x.device
     r0, r1 = call.rows(n)
     coef = (grad_loss.float() * ctx.coef.float()).contiguous()  # (2,): rows, columns
     xa_d, *xo_d = (x[:, :s.d] for x in s.x)  # views of the staged unit vectors
-    grad_a = torch.zeros(n, s.d, dtype=torch.float32, device=xa.device)
+    grad_a = torch.zeros(n, s.d, dtype=torch.float32, device=device)
     grad_o = [torch.zeros_like(grad_a) for _ in range(k)]
     parts = 1 + len(pairs_of(k))
-    sums = torch.zeros(parts, n, dtype=torch.float32, device=xa.device)
-    wv = torch.zeros((), dtype=torch.float32, device=xa.device)
+    sums = torch.zeros(parts, n, dtype=torch.float32, device=device)
+    wv = torch.zeros((), dtype=torch.float32, device=device)
     panel = panel_rows(n, k)
     block_m, block_n = TILES["grad"]
     flags = dict(K=k, HAS_MASK=s.valid is not None, IDENTITY=call.identity_targets, BLOCK_M=block_m,
@@ -201,9 +204,9 @@ def _backward(ctx, grad_loss):
     for row0 in range(r0, r1, panel):
         rows = min(panel, r1 - row0)
         grid = (-(-rows // block_m), -(-n // block_n))
-        g = torch.empty(k, rows, n, dtype=s.x.dtype, device=xa.device)
-        part = torch.empty(grid[0], parts, n, dtype=torch.float32, device=xa.device)
-        tiles = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=xa.device)
+        g = torch.empty(k, rows, n, dtype=s.x.dtype, device=device)
+        part = torch.empty(grid[0], parts, n, dtype=torch.float32, device=device)
+        tiles = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=device)
         gram_grad_kernel[grid](*_args(s), coef, lse_row, lse_col, g, part, tiles, float(call.label_smoothing),
                                s.count, row0, rows, r0, n, s.d, s.x.stride(1), **flags)
         for l in range(k):  # dL/ds_l = G_l: two GEMMs each, in the inputs' dtype (fp32 accumulation)
@@ -218,6 +221,6 @@ def _backward(ctx, grad_loss):
             g.addcmul_(dc[:, l, m, None], x.float())
     grad_t = None
     if ctx.learn_t and ctx.needs_input_grad[1]:  # dS/dt = V / t^2
-        dtype, device, shape = ctx.t_meta
-        grad_t = (wv * s.scale[0] ** 2).to(dtype=dtype, device=device).reshape(shape)
-    return (None, grad_t, grad_a.to(xa.dtype), *(g.to(xa.dtype) for g in grad_o))
+        dtype, t_device, shape = ctx.t_meta
+        grad_t = (wv * s.scale[0] ** 2).to(dtype=dtype, device=t_device).reshape(shape)
+    return (None, grad_t, grad_a.to(ctx.in_dtype), *(g.to(ctx.in_dtype) for g in grad_o))
