@@ -205,22 +205,13 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def _meta(device: str) -> dict:
-    import platform
-
     import torch
 
     import fastpair
+    from bench.provenance import commit, cpu_name
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(device=device if device == "cpu" else torch.cuda.get_device_name(), cpu=cpu,
-                torch=torch.__version__, fastpair=fastpair.__version__, commit=commit,
+    return dict(device=device if device == "cpu" else torch.cuda.get_device_name(), cpu=cpu_name(),
+                torch=torch.__version__, fastpair=fastpair.__version__, commit=commit(),
                 date=datetime.date.today().isoformat(), threads=torch.get_num_threads())
 
 

@@ -118,25 +118,13 @@ def verdict(rows: list[dict]) -> list[str]:
 
 
 def _meta(seeds) -> dict:
-    import platform
-
     import torch
 
     import fastpair
+    from bench.provenance import commit, cpu_name
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, cwd=ROOT).stdout.strip()
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(device="cpu", cpu=cpu, torch=torch.__version__, fastpair=fastpair.__version__,
-                commit=commit + ("+changes" if dirty else ""), date=datetime.date.today().isoformat(),
-                seeds=list(seeds))
+    return dict(device="cpu", cpu=cpu_name(), torch=torch.__version__, fastpair=fastpair.__version__,
+                commit=commit(), date=datetime.date.today().isoformat(), seeds=list(seeds))
 
 
 def main(argv=None) -> int:

@@ -33,14 +33,13 @@ import argparse
 import datetime
 import math
 import os
-import platform
-import subprocess
 import time
 
 import torch
 
 import fastpair
 from bench import memory, providers, report
+from bench.provenance import commit, cpu_name
 from bench.timing import deterministic, time_cpu, time_cuda, time_cuda_graph, time_cuda_loop
 
 CPU_NS, CPU_DS = (1024, 4096, 16384), (128, 512)
@@ -188,17 +187,6 @@ def largest_batch(n: int = 2**20, d: int = 512) -> dict:
                 peak_mib=peak, total_gib=total)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def meta(device: str) -> dict:
     if device == "cpu":
         head = dict(device=cpu_name(), kind="cpu", threads=torch.get_num_threads(), torch=torch.__version__)
@@ -209,21 +197,8 @@ def meta(device: str) -> dict:
         head = dict(device=torch.cuda.get_device_name(), kind="cuda", torch=torch.__version__,
                     triton=triton.__version__)
         timer = "medians of triton.testing.do_bench"
-    return dict(head, fastpair=fastpair.__version__, commit=_commit(), date=datetime.date.today().isoformat(),
+    return dict(head, fastpair=fastpair.__version__, commit=commit(), date=datetime.date.today().isoformat(),
                 m=providers.M, timer=timer)
-
-
-def _commit() -> str | None:
-    """The checkout's commit, "+changes" when the tree differs from it; None outside a git checkout."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+changes" if dirty else "")
 
 
 def _autotuned() -> dict:
