@@ -110,20 +110,19 @@ def _columns(call: Call, xo, labels) -> Columns:
     return Columns(c, det, adj, valid, groups)
 
 
-def _volumes(cols: Columns, s, buf) -> torch.Tensor:
-    """V = sqrt(max(det C_j - s^T adj(C_j) s, 0) + eps_v) of a tile, into buf; returns V."""
-    v = quadratic(cols.adj, s, buf)
-    torch.sub(cols.det[None, :], v, out=v)
+def _volumes(adj, det, s, buf) -> torch.Tensor:
+    """V = sqrt(max(det C_j - s^T adj(C_j) s, 0) + eps_v) of a tile whose columns have adj and det, into buf;
+    returns V."""
+    v = quadratic(adj, s, buf)
+    torch.sub(det[None, :], v, out=v)
     return v.clamp_(min=0.0).add_(EPS_V).sqrt_()
 
 
 def _diagonal_logits(plan: GramPlan, cols: Columns, xa, xo, r0: int, r1: int) -> torch.Tensor:
-    """S_ii at this process's rows, O(N k D): the logits of the positives by default."""
-    s = [(xa[r0:r1] * x[r0:r1]).sum(dim=1) for x in xo]
-    q = torch.zeros_like(s[0])
-    for l, m in pairs_of(len(s)):
-        q += (1.0 if l == m else 2.0) * cols.adj[r0:r1, l, m] * s[l] * s[m]
-    return -((cols.det[r0:r1] - q).clamp(min=0.0) + EPS_V).sqrt() * plan.scale
+    """S_ii at this process's rows, O(N k D): the logits of the positives by default (the diagonal as a
+    one-row tile whose columns are the samples r0 .. r1)."""
+    s = [(xa[r0:r1] * x[r0:r1]).sum(dim=1)[None] for x in xo]
+    return _volumes(cols.adj[r0:r1], cols.det[r0:r1], s, torch.empty_like(s[0]))[0] * -plan.scale
 
 
 def _target_block(groups: Groups, n: int, i0: int, i1: int, dtype) -> torch.Tensor:
@@ -172,9 +171,15 @@ def _forward(ctx, plan: GramPlan, temperature, embeddings):
     if targets is None:
         diag = _diagonal_logits(plan, cols, xa, xo, r0, r1)
         targets = (diag, diag)
-    hits = _hits(call, top1, v, r0, r1, cdtype) if call.return_stats else None
-    done = epilogue.finish(gram_directions(call), n, torch.stack([lse_row, lse_col]), torch.zeros_like(
-        torch.stack([lse_row, lse_col])), torch.stack(targets), hits, directions=1, lone_zero=True)
+    hits = None
+    if call.return_stats:
+        row_hits, col_best, col_arg = top1
+        if call.shard is not None:
+            col_arg = distributed.merge_first_argmax(call.shard, col_best, col_arg)
+        hits = direction_hits(call, row_hits, col_arg, v, r0, r1, cdtype)
+    lse = torch.stack([lse_row, lse_col])
+    done = epilogue.finish(gram_directions(call), n, lse, torch.zeros_like(lse), torch.stack(targets), hits,
+                           directions=1, lone_zero=True)
 
     meta = (temperature.dtype, temperature.device) if temperature is not None else None
     ctx.saved = Saved(plan=plan, cols=cols, row=row, col=col, coef=done.coef, in_dtype=embeddings[0].dtype,
@@ -201,7 +206,7 @@ def _forward_blocks(plan: GramPlan, cols: Columns, xa, xo, n: int, r0: int, r1: 
         i1 = min(i0 + plan.block, r1)
         here = slice(i0 - r0, i1 - r0)
         s = [torch.mm(xa[i0:i1], y.T, out=t[: i1 - i0]) for y, t in zip(xo, tiles)]
-        vol = _volumes(cols, s, buf[: i1 - i0])
+        vol = _volumes(cols.adj, cols.det, s, buf[: i1 - i0])
         if top1 is not None:  # the best tuple of a row is its smallest volume
             top1 = (top1[0], *track_top1(-vol, v, call.ids, i0, i1, r0, *top1))
         if grouped:  # sum_j T_ij S_ij, and sum_i T_ij S_ij over these rows, with S = -scale V
@@ -228,17 +233,15 @@ def _forward_blocks(plan: GramPlan, cols: Columns, xa, xo, n: int, r0: int, r1: 
     return row, col, targets, top1
 
 
-def _hits(call: Call, top1, v, r0: int, r1: int, cdtype) -> torch.Tensor:
-    """(2, 2): the top-1 hits of the rows (anchor -> tuples) and of the columns (tuples -> anchor) at this
-    process's samples, in the first row (the epilogue's (2, P) layout, P = the two directions)."""
-    row_hits, col_best, col_arg = top1
-    if call.shard is not None:
-        col_arg = distributed.merge_first_argmax(call.shard, col_best, col_arg)
-    col_hits = top1_hits(call.ids, col_arg[r0:r1], torch.arange(r0, r1, device=col_arg.device)).to(cdtype)
-    hits = torch.zeros(2, 2, dtype=cdtype, device=row_hits.device)
-    hits[0, 0] = row_hits.sum() if v is None else row_hits @ v[r0:r1]
-    hits[0, 1] = col_hits.sum() if v is None else col_hits @ v[r0:r1]
-    return hits
+def direction_hits(call: Call, row_hits, col_arg, valid, r0: int, r1: int, dtype) -> torch.Tensor:
+    """(2, 2): the top-1 hits of this process's samples as anchors (row_hits, 0/1 per row) and as tuples
+    (col_arg: each column's first best anchor over the whole batch) in the first row, over the valid
+    samples (valid: 0/1 or None): the epilogue's (2, P) layout with P = the two directions. Both backends."""
+    col_hits = top1_hits(call.ids, col_arg[r0:r1].long(), torch.arange(r0, r1, device=col_arg.device))
+    per_direction = torch.stack([row_hits.to(dtype), col_hits.to(dtype)])
+    if valid is not None:
+        per_direction = per_direction * valid[r0:r1].to(dtype)
+    return torch.cat([per_direction.sum(dim=1)[None], torch.zeros(1, 2, dtype=dtype, device=col_arg.device)])
 
 
 def _backward(ctx, grad_loss):

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from fastpair import distributed, epilogue
+from fastpair._torch_gram import direction_hits
 from fastpair.call import Call, gram_directions
 from fastpair.numerics import LN2
 from fastpair.tables import constant
-from fastpair.targets import group_labels, top1_hits
+from fastpair.targets import Groups, group_labels, top1_hits
 from fastpair.volumes import column_grad, det_adj, gram, pairs_of
 
 from . import launch, tuning
@@ -103,17 +104,16 @@ def _stage(call: Call, temperature: torch.Tensor, xa, xo) -> Staged:
     c = gram([x.float() for x in xo])
     det, adj = det_adj(c)
     packed = torch.stack([adj[:, l, m] for l, m in pairs_of(len(xo))], dim=1).contiguous()
-    valid = None if call.mask is None else call.mask.all(dim=0)
-    ones = torch.ones(n, dtype=torch.float32, device=xa.device)
-    weight = ones if valid is None else valid.float()
+    # the kernels take labels for every call: each sample its own group without ids
     labels = torch.arange(n, device=xa.device) if call.ids is None else group_labels(call.ids)
-    sizes = torch.zeros_like(ones).index_add_(0, labels, weight)[labels].clamp_min(1.0)
+    groups = Groups.of(labels, gram_directions(call).mask, (0, 0), call.label_smoothing, det)
     # eps / n needs n: the batch's N without a mask; with one, read once (the count is small and the
     # smoothing needs it; without smoothing it is not used and no read happens)
-    count = float(n) if valid is None or call.label_smoothing == 0.0 else float(weight.sum())
-    return Staged(x=stacked, d=d, c=c, det=det.contiguous(), adj=packed,
-                  valid=None if valid is None else valid.to(torch.int8), labels=labels.to(torch.int32),
-                  sizes=sizes, count=max(count, 1.0), scale=torch.reciprocal(temperature.float()).reshape(1),
+    count = float(n) if groups.valid is None or call.label_smoothing == 0.0 else float(groups.count)
+    valid = None if groups.valid is None else groups.valid.to(torch.int8)
+    return Staged(x=stacked, d=d, c=c, det=det.contiguous(), adj=packed, valid=valid,
+                  labels=labels.to(torch.int32), sizes=groups.sizes, count=max(count, 1.0),
+                  scale=torch.reciprocal(temperature.float()).reshape(1),
                   precision=launch.input_precision(stacked.dtype))
 
 
@@ -150,7 +150,11 @@ def _forward(ctx, call: Call, temperature, xa, xo):
         if call.return_stats:
             arg_col = distributed.merge_first_argmax(call.shard, best_col, arg_col.long())
     lse_c = lse_col[r0:r1]
-    hits = _hits(call, s, arg_row, arg_col, r0, r1) if call.return_stats else None
+    hits = None
+    if call.return_stats:  # the rows' hits from their first best column; the columns' from theirs
+        rows = torch.arange(r0, r1, device=xa.device)
+        row_hits = top1_hits(call.ids, arg_row.long(), rows)
+        hits = direction_hits(call, row_hits, arg_col, s.valid, r0, r1, torch.float32)
     done = epilogue.finish(gram_directions(call), n, torch.stack([lse_row, lse_c]),
                            torch.zeros(2, r1 - r0, dtype=torch.float32, device=xa.device),
                            torch.stack([t_row, t_col[r0:r1]]), hits, unit=LN2, directions=1, lone_zero=True)
@@ -162,20 +166,6 @@ def _forward(ctx, call: Call, temperature, xa, xo):
     accuracy = done.accuracy[:, 0].contiguous()
     ctx.mark_non_differentiable(done.pair_losses, accuracy)
     return done.loss, done.pair_losses, accuracy
-
-
-def _hits(call: Call, s: Staged, arg_row, arg_col, r0: int, r1: int) -> torch.Tensor:
-    """(2, 2) top-1 hits of this process's rows (anchor -> tuples) and columns (tuples -> anchor)."""
-    device = arg_row.device
-    rows = torch.arange(r0, r1, device=device)
-    row_hits = top1_hits(call.ids, arg_row.long(), rows).float()
-    col_hits = top1_hits(call.ids, arg_col[r0:r1].long(), rows).float()
-    if s.valid is not None:
-        v = s.valid[r0:r1].float()
-        row_hits, col_hits = row_hits * v, col_hits * v
-    hits = torch.zeros(2, 2, dtype=torch.float32, device=device)
-    hits[0, 0], hits[0, 1] = row_hits.sum(), col_hits.sum()
-    return hits
 
 
 def panel_rows(n: int, k: int) -> int:
