@@ -31,6 +31,7 @@ import torch
 from . import distributed, epilogue
 from .call import Call
 from .numerics import LN2, LOG2E, NORM_EPS, exp_bound
+from .op import through_autograd
 from .targets import Groups, add_target_grads, group_labels, target_terms, top1_hits
 
 
@@ -392,3 +393,7 @@ def _backward(ctx, grad_loss):
 
 
 __all__ = ["PairwiseNCEFunction", "Plan", "pairwise_nce_torch", "default_block", "compute_dtype"]
+
+
+
+nce_op = through_autograd(pairwise_nce_torch)

@@ -37,6 +37,7 @@ from ._torch_backend import (
 )
 from .call import Call, gram_directions
 from .numerics import LN2, LOG2E, exp_bound
+from .op import through_autograd
 from .targets import Groups, group_labels, top1_hits
 from .volumes import EPS_V, column_grad, det_adj, gram, pairs_of, quadratic
 
@@ -342,3 +343,7 @@ def _subtract_targets(w, cols: Columns, coef, n: int, i0: int, i1: int) -> None:
 
 
 __all__ = ["GramNCEFunction", "GramPlan", "gram_nce_torch"]
+
+
+
+gram_op = through_autograd(gram_nce_torch)

@@ -32,6 +32,7 @@ from ._torch_backend import (
 )
 from .call import Call
 from .numerics import LOG2E, exp_bound
+from .op import through_autograd
 from .targets import Groups, add_target_grads, group_labels, target_terms, top1_hits
 
 
@@ -247,3 +248,7 @@ def _per_pair_grad(values, meta, shape):
     stacked = torch.stack(values)
     dtype, device = meta
     return (stacked.sum() if shape == () else stacked).to(dtype=dtype, device=device).reshape(shape)
+
+
+
+sigmoid_op = through_autograd(pairwise_sigmoid_torch)

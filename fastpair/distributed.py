@@ -208,31 +208,23 @@ def gather_mask(mask: torch.Tensor | None, num_modalities: int, shard: Shard, de
 
 
 # ----------------------------------------------------------------------------------------------------
-# Custom ops take no ProcessGroup argument: the Triton forward op finds its shard by name, for the
-# duration of one call (no reference outlives it: a gloo group destroyed at exit while still referenced
-# aborts the process).
-
-_GROUPS: dict[str, object] = {}
+# Custom ops take no ProcessGroup argument: an op finds its group by the name c10d registered it under
+# (a compiled step keeps the name as a constant of its graph; no reference of ours outlives the call, since
+# a gloo group destroyed at exit while still referenced aborts the process).
 
 
 def op_arguments(shard: Shard | None) -> tuple[list[int], int, str]:
-    """(sizes, rank, group name) describing `shard` to a custom op, ([], 0, "") without a group; the
-    group stays findable by its name until release_op_arguments."""
+    """(sizes, rank, group name) describing `shard` to a custom op, ([], 0, "") without a group."""
     if shard is None:
         return [], 0, ""
-    name = str(id(shard.group))  # stable across calls: a compiled step may keep it as a constant
-    _GROUPS[name] = shard.group
-    return list(shard.sizes), shard.rank, name
-
-
-def release_op_arguments(name: str) -> None:
-    _GROUPS.pop(name, None)
+    return list(shard.sizes), shard.rank, shard.group.group_name
 
 
 def shard_from_op_arguments(sizes: list[int], rank: int, name: str) -> Shard | None:
     if not sizes:
         return None
-    return Shard(group=_GROUPS[name], rank=rank, sizes=tuple(sizes), masked=False)
+    group = dist.distributed_c10d._resolve_process_group(name)
+    return Shard(group=group, rank=rank, sizes=tuple(sizes), masked=False)
 
 
 def rows_from_op_arguments(sizes: list[int], rank: int, n: int) -> tuple[int, int]:

@@ -8,10 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import distributed
-from ._torch_backend import pairwise_nce_torch
-from ._torch_gram import gram_nce_torch
-from ._torch_sigmoid import pairwise_sigmoid_torch
+from . import distributed, op
 from .call import describe, describe_gram
 
 if TYPE_CHECKING:
@@ -197,7 +194,7 @@ def gram_nce(
 
 
 def _run(embeddings, group, return_stats: bool, arguments: dict, describe=describe):
-    """Validate once (on every rank under a group), gather across ranks, dispatch to the backend."""
+    """Validate once (on every rank under a group), gather across ranks, dispatch to the (objective, backend) op."""
     world = 1 if group is None else distributed.world_size(group)
     try:
         call, error = describe(embeddings, **arguments), None
@@ -210,25 +207,11 @@ def _run(embeddings, group, return_stats: bool, arguments: dict, describe=descri
     if embeddings[0].device.type == "meta":
         return _shapes_only(embeddings, call, return_stats)
 
-    if call.objective == "gram":
-        if call.backend == "triton":
-            from .kernels.gram_ops import gram_nce_triton
-
-            loss, losses, accuracy = gram_nce_triton(list(embeddings), call)
-        else:
-            loss, losses, accuracy = gram_nce_torch(embeddings, call)
-        return (loss, {"direction_losses": losses, "direction_accuracy": accuracy}) if return_stats else loss
-    if call.objective == "sigmoid":
-        loss, pair_losses, accuracy = _sigmoid(embeddings, call)
-    elif call.backend == "triton":
-        from .kernels.ops import pairwise_nce_triton
-
-        loss, pair_losses, accuracy = pairwise_nce_triton(list(embeddings), call)
-    else:
-        loss, pair_losses, accuracy = pairwise_nce_torch(embeddings, call)
-    if return_stats:
-        return loss, {"pair_losses": pair_losses, "pair_accuracy": accuracy}
-    return loss
+    loss, a, b = op.run(call, embeddings)
+    if not return_stats:
+        return loss
+    names = ("direction_losses", "direction_accuracy") if call.objective == "gram" else ("pair_losses", "pair_accuracy")
+    return loss, dict(zip(names, (a, b)))
 
 
 def _shapes_only(embeddings, call, return_stats: bool):
@@ -246,11 +229,3 @@ def _shapes_only(embeddings, call, return_stats: bool):
     if call.objective == "gram":
         return loss, {"direction_losses": torch.empty(2, **empty), "direction_accuracy": torch.empty(2, **empty)}
     return loss, {"pair_losses": torch.empty(num_pairs, **empty), "pair_accuracy": torch.empty(num_pairs, 2, **empty)}
-
-
-def _sigmoid(embeddings, call):
-    if call.backend == "triton":
-        from .kernels.sigmoid_ops import pairwise_sigmoid_triton
-
-        return pairwise_sigmoid_triton(list(embeddings), call)
-    return pairwise_sigmoid_torch(embeddings, call)

@@ -24,6 +24,7 @@ from fastpair import distributed, epilogue
 from fastpair._torch_gram import direction_hits
 from fastpair.call import Call, gram_directions
 from fastpair.numerics import LN2
+from fastpair.op import through_autograd
 from fastpair.tables import constant
 from fastpair.targets import Groups, group_labels, top1_hits
 from fastpair.volumes import column_grad, det_adj, gram, pairs_of
@@ -214,3 +215,7 @@ def _backward(ctx, grad_loss):
         dtype, t_device, shape = ctx.t_meta
         grad_t = (wv * s.scale[0] ** 2).to(dtype=dtype, device=t_device).reshape(shape)
     return (None, grad_t, grad_a.to(ctx.in_dtype), *(g.to(ctx.in_dtype) for g in grad_o))
+
+
+
+gram_op = through_autograd(gram_nce_triton)

@@ -327,10 +327,7 @@ def pairwise_nce_triton(zs, call: Call):
     t, known = _device_values(call.temperature, len(call.pairs), zs[0].device)
     pairs = [i for pair in call.pairs for i in pair]
     sizes, rank, group = distributed.op_arguments(call.shard)
-    try:
-        loss, pair_losses, accuracy, *_ = pairwise_nce_fwd(zs, t, known, call.mask, list(call.weights),
-                                                           call.normalize, call.return_stats, sizes, rank, group,
-                                                           pairs, call.ids, call.label_smoothing)
-    finally:  # the forward op found the group by name; no reference may outlive the call
-        distributed.release_op_arguments(group)
+    loss, pair_losses, accuracy, *_ = pairwise_nce_fwd(zs, t, known, call.mask, list(call.weights),
+                                                       call.normalize, call.return_stats, sizes, rank, group,
+                                                       pairs, call.ids, call.label_smoothing)
     return loss, pair_losses, accuracy

@@ -16,6 +16,7 @@ import torch
 from fastpair import distributed, epilogue
 from fastpair.call import Call, PerPair
 from fastpair.numerics import LN2
+from fastpair.op import through_autograd
 from fastpair.targets import Groups, add_target_grads, group_labels, target_terms
 
 from . import launch
@@ -217,10 +218,11 @@ def pairwise_sigmoid_triton(zs, call: Call):
     b, known_b = _device_values(call.bias, num_pairs, device)
     pairs = [i for pair in call.pairs for i in pair]
     sizes, rank, group = distributed.op_arguments(call.shard)
-    try:
-        loss, pair_losses, accuracy, *_ = pairwise_sigmoid_fwd(
-            zs, t, known_t, b, known_b, call.mask, list(call.weights), call.normalize, call.return_stats,
-            sizes, rank, group, pairs, call.ids)
-    finally:  # the forward op found the group by name; no reference may outlive the call
-        distributed.release_op_arguments(group)
+    loss, pair_losses, accuracy, *_ = pairwise_sigmoid_fwd(
+        zs, t, known_t, b, known_b, call.mask, list(call.weights), call.normalize, call.return_stats,
+        sizes, rank, group, pairs, call.ids)
     return loss, pair_losses, accuracy
+
+
+
+sigmoid_op = through_autograd(pairwise_sigmoid_triton)

@@ -31,6 +31,16 @@ def triton_only():
         pytest.skip("Triton is not available here")
 
 
+@pytest.fixture
+def tiled(monkeypatch):
+    """The Triton InfoNCE calls take the tiled kernels at every N (kernels/infonce_small.py takes N <= 64
+    otherwise): for the tests of the sweep, the panels and their bounds at interpreter-sized batches."""
+    if triton_runs():
+        from fastpair.kernels import infonce_small
+
+        monkeypatch.setattr(infonce_small, "MAX_N", 0)
+
+
 @pytest.fixture(params=["torch", "triton"])
 def backend(request):
     """Every loss test runs on both backends; triton on CPU runs in the interpreter (small shapes only)."""

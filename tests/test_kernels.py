@@ -10,6 +10,8 @@ from helpers import assert_close, check_against_reference, device_for, make_embe
 from fastpair import pairwise_nce, pairwise_sigmoid
 from fastpair.reference import pairwise_nce_reference
 
+pytestmark = pytest.mark.usefixtures("tiled")  # the tiled kernels at every N (not the one-program path)
+
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_triton_backward_with_several_panels_per_pair(normalize, monkeypatch, triton_only):
