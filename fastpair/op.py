@@ -180,7 +180,8 @@ def _rebuilt(flat: dict, params, mask, ids) -> Call:
 
 @torch.library.custom_op(f"fastpair::loss_v{OP_VERSION}", mutates_args=())
 def _loss_op(zs: list[torch.Tensor], temperature: torch.Tensor | None, bias: torch.Tensor | None,
-             mask: torch.Tensor | None, ids: torch.Tensor | None, needs: list[bool], objective: str, backend: str, pairs: list[int],
+             mask: torch.Tensor | None, ids: torch.Tensor | None, needs: list[bool], objective: str, backend: str,
+             pairs: list[int],
              t_values: list[float], t_shape: list[int], b_values: list[float], b_shape: list[int],
              weights: list[float], label_smoothing: float, normalize: bool, return_stats: bool, block_size: int,
              sizes: list[int], rank: int, group: str) -> list[torch.Tensor]:
