@@ -29,7 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .call import Call, PerPair
 
@@ -137,8 +136,11 @@ class _Loss(torch.autograd.Function):
         return result.loss, *result.stats
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, *_unused):
+        if torch.is_grad_enabled():  # create_graph=True: the saved gradients would pass for constants
+            raise RuntimeError("fastpair's losses can be differentiated once, not twice: their gradients are "
+                               "computed with the forward, so backward(create_graph=True) (a gradient penalty, "
+                               "a Hessian product) would silently miss their dependence on the inputs")
         if grad_loss is None:  # no gradient reached the loss: none for any input
             return (None,) * (4 + ctx.num_z)
         dz, (dt, db) = _spread(ctx.needs, _scale(ctx.grads, grad_loss), ctx.num_z)

@@ -1,9 +1,12 @@
 """Cost budgets (docs/design.md): one forward + backward of M = 3 modalities, counted by tests/costs.py, held
 to written budgets, so that a host-overhead or memory regression fails here instead of on the next GPU.
 
-- Triton launches, exactly: 1 forward, 1 per pair and row panel of the backward, 1 input gradient.
+- Triton launches, exactly: InfoNCE at N <= 64 one (kernels/infonce_small.py); otherwise 1 forward, 1 per pair
+  and row panel of the backward, 1 input gradient.
 - Other tensor ops, and of them those that compute (kernels on a GPU): at most the counts measured when the
-  budget was written (2026-11-27, torch 2.13 CPU, Triton 3.9 interpreter) plus about 10%.
+  budget was written plus about 10%.
+- The small-batch step (docs/design.md): PairwiseNCE with a learnable temperature at N = 64, D = 512 on the
+  Triton path, at most 20 kernels in all (launches and computing ops, the module's and autograd's included).
 - Host reads of tensor values (a device sync on a GPU): none on the Triton backend, with numbers or with
   tensors for the temperature and the bias; the torch backend, the CPU path, reads a parameter tensor's
   values once (free on a CPU: it picks the exact variant and checks them).
@@ -26,22 +29,24 @@ M, D = 3, 32
 P = M * (M - 1) // 2
 
 # (objective, backend, N, parameters) -> the most aten ops one forward + backward may take, and the most of
-# them that compute (not views, allocations or no-op casts: on a GPU, each a kernel)
+# them that compute (not views, allocations or no-op casts: on a GPU, each a kernel); measured 2026-12-07
+# (torch 2.13 CPU, Triton 3.9 interpreter) plus about 10%
 OPS = {
-    ("nce", "torch", 64, "numbers"): (261, 173), ("nce", "torch", 64, "tensors"): (295, 201),
-    ("nce", "torch", 2048, "numbers"): (565, 302), ("nce", "torch", 2048, "tensors"): (671, 379),
-    ("nce", "triton", 64, "numbers"): (75, 30), ("nce", "triton", 64, "tensors"): (123, 62),
-    ("nce", "triton", 128, "numbers"): (191, 50), ("nce", "triton", 128, "tensors"): (248, 82),
-    ("sigmoid", "torch", 64, "numbers"): (252, 167), ("sigmoid", "torch", 64, "tensors"): (304, 202),
-    ("sigmoid", "torch", 2048, "numbers"): (533, 315), ("sigmoid", "torch", 2048, "tensors"): (667, 410),
-    ("sigmoid", "triton", 64, "numbers"): (75, 30), ("sigmoid", "triton", 64, "tensors"): (123, 59),
-    ("sigmoid", "triton", 128, "numbers"): (191, 50), ("sigmoid", "triton", 128, "tensors"): (258, 79),
-    # GRAM (2026-12-02): per row block k tiles, the volumes and their gradient's elementwise passes
-    ("gram", "torch", 64, "numbers"): (430, 255), ("gram", "torch", 64, "tensors"): (445, 265),
-    ("gram", "torch", 2048, "numbers"): (1600, 865), ("gram", "torch", 2048, "tensors"): (1630, 895),
+    ("nce", "torch", 64, "numbers"): (265, 175), ("nce", "torch", 64, "tensors"): (300, 200),
+    ("nce", "torch", 2048, "numbers"): (570, 305), ("nce", "torch", 2048, "tensors"): (680, 380),
+    # N <= 64: one program (kernels/infonce_small.py); the ops left allocate its outputs and scale its gradients
+    ("nce", "triton", 64, "numbers"): (14, 3), ("nce", "triton", 64, "tensors"): (19, 4),
+    ("nce", "triton", 128, "numbers"): (195, 52), ("nce", "triton", 128, "tensors"): (250, 80),
+    ("sigmoid", "torch", 64, "numbers"): (260, 168), ("sigmoid", "torch", 64, "tensors"): (315, 204),
+    ("sigmoid", "torch", 2048, "numbers"): (540, 317), ("sigmoid", "torch", 2048, "tensors"): (678, 411),
+    ("sigmoid", "triton", 64, "numbers"): (81, 32), ("sigmoid", "triton", 64, "tensors"): (131, 60),
+    ("sigmoid", "triton", 128, "numbers"): (195, 52), ("sigmoid", "triton", 128, "tensors"): (266, 79),
+    # GRAM: per row block k tiles, the volumes and their gradient's elementwise passes
+    ("gram", "torch", 64, "numbers"): (440, 250), ("gram", "torch", 64, "tensors"): (455, 257),
+    ("gram", "torch", 2048, "numbers"): (1600, 860), ("gram", "torch", 2048, "tensors"): (1640, 890),
     # GRAM's Triton path: the per-column matrices, the epilogue and the backward's GEMMs are PyTorch ops
-    ("gram", "triton", 64, "numbers"): (300, 170), ("gram", "triton", 64, "tensors"): (300, 172),
-    ("gram", "triton", 128, "numbers"): (320, 180), ("gram", "triton", 128, "tensors"): (320, 182),
+    ("gram", "triton", 64, "numbers"): (307, 177), ("gram", "triton", 64, "tensors"): (315, 180),
+    ("gram", "triton", 128, "numbers"): (340, 192), ("gram", "triton", 128, "tensors"): (350, 196),
 }
 LOSSES = {"nce": pairwise_nce, "sigmoid": pairwise_sigmoid, "gram": gram_nce}
 PANEL_ROWS = {64: None, 128: 32}  # the Triton backward's rows per panel (None: one panel per pair)
@@ -87,7 +92,12 @@ def _extra_budget(backend, n, elem, objective="nce"):
     temporaries (3 x M N D fp32), two logit blocks of rows x N, and O(N) statistics. GRAM: blocks of half as
     many rows, k + 4 of them in its backward (the k tiles, the volumes, W, a product, the mask of det G > 0).
     Triton: the stacked inputs (M N D, input dtype), the fp32 gradient accumulator (M N D), one row panel of
-    W (rows x N, input dtype), and O(N) statistics (28 to 36 fp32 vectors of N measured; 48 allowed)."""
+    W (rows x N, input dtype), and O(N) statistics (28 to 36 fp32 vectors of N measured; 48 allowed); since the
+    gradients are computed in the forward (fastpair/op.py), the op's gradients and their scaled copies coexist for
+    a moment: one more M N D in the input dtype. N <= 64 (one program): that copy, G for every pair
+    (P x 64 x 64 fp32 at most) and O(N) vectors."""
+    if objective == "nce" and backend == "triton" and n <= 64:
+        return M * n * D * elem + P * 64 * 64 * 4 + 48 * n * 4
     if objective == "gram" and backend == "torch":
         return 3 * M * n * D * 4 + (M - 1 + 4) * min(max(16, default_block(n) // 2), n) * n * 4 + 64 * n * 4
     if objective == "gram":  # the unit vectors and their stack (input dtype), their fp32 copies and gradients,
@@ -95,7 +105,7 @@ def _extra_budget(backend, n, elem, objective="nce"):
         return 2 * M * n * D * elem + 2 * M * n * D * 4 + (M - 1) * _gram_panel(n) * n * 4 + 48 * n * 4
     if backend == "torch":
         return 3 * M * n * D * 4 + 2 * min(default_block(n), n) * n * 4 + 64 * n * 4
-    return M * n * D * elem + M * n * D * 4 + _panel_height(n, elem) * n * elem + 48 * n * 4
+    return 2 * M * n * D * elem + M * n * D * 4 + _panel_height(n, elem) * n * elem + 48 * n * 4
 
 
 CASES = [(objective, backend, n, parameters)
@@ -111,7 +121,7 @@ def test_costs_within_budget(objective, backend, n, parameters, monkeypatch):
     if backend == "triton":
         if not triton_runs():
             pytest.skip("Triton is not available here")
-        from fastpair.kernels import launch
+        from fastpair.kernels import infonce_small, launch
 
         if PANEL_ROWS[n]:
             monkeypatch.setattr(launch, "PANEL_BYTES", PANEL_ROWS[n] * n * 4)
@@ -122,6 +132,8 @@ def test_costs_within_budget(objective, backend, n, parameters, monkeypatch):
         launches = 0
     elif objective == "gram":  # both forward directions, one gradient launch per row panel
         launches = 2 + -(-n // _gram_panel(n))
+    elif objective == "nce" and n <= infonce_small.MAX_N:  # loss, statistics and gradients in one program
+        launches = 1
     else:
         launches = 1 + P * -(-n // _panel_height(n, zs[0].element_size())) + 1
     assert costs.launches == launches, costs
@@ -152,6 +164,20 @@ def test_module_step_reads_no_device_value_on_triton(backend):
     costs, _ = measure(step)
     assert len(costs.reads) == (1 if backend == "torch" else 0), costs.reads
     assert module.log_temperature.grad is not None
+
+
+def test_small_batch_step_kernel_budget(triton_only):
+    """The step bench/host.py times: every kernel a GPU would launch, the temperature's exp and clamp and the
+    gradients' scaling included, at most 20 (the plain PyTorch step: about 125)."""
+    module = PairwiseNCE(M, backend="triton").to(device_for("triton"))
+    zs = [torch.randn(64, 512, device=device_for("triton"), requires_grad=True) for _ in range(M)]
+
+    def step():
+        module(*zs).backward()
+
+    step()
+    costs, _ = measure(step)
+    assert costs.launches == 1 and costs.launches + costs.kernels <= 20 and not costs.reads, costs
 
 
 # The counter itself: each kind of cost it claims to see, seen.

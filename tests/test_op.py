@@ -1,0 +1,138 @@
+"""The op layer (fastpair/op.py): one table, one op shape, eager and compiled dispatch; and InfoNCE's one-program
+path for small batches (kernels/infonce_small.py) against the tiled kernels it stands in for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import case_inputs, case_kwargs, device_for, make_embeddings, on, triton_runs
+
+from fastpair import gram_nce, op, pairwise_nce, pairwise_sigmoid
+from fastpair.call import describe
+
+LOSSES = {"nce": pairwise_nce, "sigmoid": pairwise_sigmoid, "gram": gram_nce}
+
+
+@pytest.mark.parametrize("objective,backend", sorted(op.TABLE))
+def test_every_table_entry_is_an_op(objective, backend):
+    if backend == "triton" and not triton_runs():
+        pytest.skip("Triton is not available here")
+    zs = make_embeddings(3, 4, 5)
+    call = describe(zs, temperature=0.1, weights=None, mask=None, normalize=True, return_stats=False,
+                    backend="torch", block_size=None)
+    import dataclasses
+
+    assert callable(op.resolve(dataclasses.replace(call, objective=objective, backend=backend)))
+
+
+@pytest.mark.parametrize("objective", ["nce", "sigmoid", "gram"])
+def test_fullgraph_compile_on_the_torch_backend(objective):
+    """A training step that calls the loss compiles as one graph on the torch backend (the registered op with
+    its fake kernel), with the eager loss and gradients, a learnable temperature included."""
+    torch._dynamo.reset()
+    enc = torch.nn.ModuleList([torch.nn.Linear(8, 16) for _ in range(3)])
+    inputs = [torch.randn(24, 8, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    t = torch.tensor(0.1, requires_grad=True)
+    mask = torch.ones(3, 24, dtype=torch.bool)
+    mask[1, :3] = False
+
+    def step(*xs):
+        return LOSSES[objective](*[e(x) for e, x in zip(enc, xs)], temperature=t, mask=mask, backend="torch")
+
+    eager = step(*inputs)
+    eager.backward()
+    expected = [p.grad.clone() for p in enc.parameters()] + [t.grad.clone()]
+    enc.zero_grad()
+    t.grad = None
+    loss = torch.compile(step, fullgraph=True)(*inputs)
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    for g, e in zip([p.grad for p in enc.parameters()] + [t.grad], expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_double_backward_is_refused(backend):
+    zs = on(make_embeddings(3, 8, 4), backend)
+    loss = pairwise_nce(*zs, backend=backend)
+    with pytest.raises(RuntimeError, match="differentiated once, not twice"):
+        torch.autograd.grad(loss, zs[0], create_graph=True)
+
+
+def test_gradients_scale_with_the_incoming_gradient(backend):
+    """The op's gradients are computed in its forward; the backward scales them by dL/dloss."""
+    zs = on(make_embeddings(3, 9, 5, seed=3), backend)
+    t = torch.tensor(0.2, device=zs[0].device, requires_grad=True)
+    pairwise_nce(*zs, temperature=t, backend=backend).backward()
+    once = [z.grad.clone() for z in zs] + [t.grad.clone()]
+    for z in zs:
+        z.grad = None
+    t.grad = None
+    (pairwise_nce(*zs, temperature=t, backend=backend) * -2.5).backward()
+    for a, b in zip([z.grad for z in zs] + [t.grad], once):
+        torch.testing.assert_close(a, -2.5 * b, rtol=1e-6, atol=1e-8)
+
+
+def test_retained_graph_backward_twice_accumulates(backend):
+    zs = on(make_embeddings(2, 6, 4, seed=4), backend)
+    loss = pairwise_nce(*zs, backend=backend)
+    loss.backward(retain_graph=True)
+    once = zs[0].grad.clone()
+    loss.backward()
+    torch.testing.assert_close(zs[0].grad, 2 * once)
+
+
+CASES = [{}, {"mask": True}, {"ids": "labels", "label_smoothing": 0.1}, {"normalize": False},
+         {"pairs": [(0, 1), (2, 0)]}, {"weights": [1.0, 0.0, 2.0]}]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(sorted(c)) or "plain" for c in CASES])
+@pytest.mark.parametrize("learnable", [False, True])
+def test_small_path_matches_the_tiled_kernels(case, learnable, monkeypatch, triton_only):
+    """The one-program path and the tiled kernels give the same loss, gradients and statistics."""
+    from fastpair.kernels import infonce_small
+
+    n = 24
+    kw = case_kwargs(case, n)
+    zs, temperature = case_inputs(kw, n, seed=7)
+    zs = on(zs, "triton")
+    kw = {k: v.to(zs[0].device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    outputs = []
+    for max_n in (infonce_small.MAX_N, 0):
+        monkeypatch.setattr(infonce_small, "MAX_N", max_n)
+        leaves = [z.detach().requires_grad_() for z in zs]
+        t = torch.tensor(temperature, device=zs[0].device, requires_grad=True) if learnable else temperature
+        loss, stats = pairwise_nce(*leaves, temperature=t, backend="triton", return_stats=True, **kw)
+        loss.backward()
+        outputs.append([loss, stats["pair_losses"], stats["pair_accuracy"], *(z.grad for z in leaves)]
+                       + ([t.grad] if learnable else []))
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_small_path_is_one_launch_and_the_same_bits_every_run(triton_only):
+    from costs import measure
+
+    zs = on(make_embeddings(3, 20, 12, seed=8), "triton")
+    t = torch.tensor(0.1, device=zs[0].device, requires_grad=True)
+
+    def step():
+        loss = pairwise_nce(*zs, temperature=t, backend="triton")
+        loss.backward()
+        return loss.detach().clone(), [z.grad.clone() for z in zs], t.grad.clone()
+
+    first = step()
+    for z in zs:
+        z.grad = None
+    t.grad = None
+    costs, second = measure(step)
+    assert costs.launches == 1
+    assert torch.equal(first[0], second[0]) and torch.equal(first[2], second[2])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 0.0, float("inf"), float("nan")])
+def test_small_path_invalid_temperature_tensor_gives_nan(bad, triton_only):
+    zs = on(make_embeddings(3, 16, 8, seed=24), "triton")
+    t = torch.tensor([0.1, bad, 0.1], device=device_for("triton"))
+    loss, stats = pairwise_nce(*zs, temperature=t, backend="triton", return_stats=True)
+    assert torch.isnan(loss) and torch.isnan(stats["pair_losses"]).all()
