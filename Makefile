@@ -18,7 +18,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 PACKAGE_FILES := $(sort $(wildcard fastpair/*.py fastpair/py.typed kernels/*.py training/*.py))
 FILE_LIST := $(VENV)/.package-files
 
-.PHONY: venv test docs dist-check train bench bench-quick bench-gradcache lint gpu-compile gpu-check clean FORCE
+.PHONY: venv test docs dist-check train bench bench-host bench-quick bench-gradcache lint gpu-compile gpu-check clean FORCE
 
 $(FILE_LIST): FORCE
 	@mkdir -p $(VENV)
@@ -61,6 +61,11 @@ train: $(STAMP)
 # CPU benchmark: providers x shapes, then the report (bench/results/*.json, .md, .png and docs/benchmarks.md's table).
 bench: $(STAMP)
 	$(PY) -m bench.run --device cpu --update-docs
+
+# The small-batch step's host cost: kernels counted, host time with Triton's launches stubbed, as a ratio to the
+# plain PyTorch step (about a minute; run it on a quiet machine), into bench/results/host-cpu-<date>.{json,md}.
+bench-host: $(STAMP)
+	$(PY) -m bench.host
 
 # The same at N=1024 only (a smoke run of a few minutes), into the git-ignored bench/results/raw.
 bench-quick: $(STAMP)
