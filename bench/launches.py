@@ -20,7 +20,7 @@ from unittest import mock
 
 import fastpair.kernels
 import torch
-from fastpair.kernels import gram, gram_ops, infonce_small, jit, launch, tuning
+from fastpair.kernels import gram, gram_ops, jit, launch, small, tuning
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
@@ -183,7 +183,7 @@ def _recording(sink: list):
         stack.enter_context(mock.patch.object(fastpair.kernels, "interpreter", lambda: True))
         # the tiled kernels at the capture's N (InfoNCE's one-program path would take N <= 64; it is not in the
         # report yet)
-        stack.enter_context(mock.patch.object(infonce_small, "MAX_N", 0))
+        stack.enter_context(mock.patch.object(small, "MAX_N", 0))
         stack.enter_context(mock.patch.object(tuning, "fwd_tuned", _Recorder(jit.fwd_kernel, True, sink)))
         stack.enter_context(mock.patch.object(tuning, "panel_tuned", _Recorder(jit.grad_panel_kernel, True, sink)))
         stack.enter_context(mock.patch.object(launch, "input_grad_kernel",

@@ -37,7 +37,7 @@ TABLE = {
     ("nce", "torch"): "fastpair._torch_backend:nce_op",
     ("nce", "triton"): "fastpair.kernels.infonce:nce_op",
     ("sigmoid", "torch"): "fastpair._torch_sigmoid:sigmoid_op",
-    ("sigmoid", "triton"): "fastpair.kernels.sigmoid_ops:sigmoid_op",
+    ("sigmoid", "triton"): "fastpair.kernels.sigmoid:sigmoid_op",
     ("gram", "torch"): "fastpair._torch_gram:gram_op",
     ("gram", "triton"): "fastpair.kernels.gram_ops:gram_op",
 }

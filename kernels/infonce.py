@@ -6,13 +6,13 @@ from __future__ import annotations
 from fastpair.call import Call
 from fastpair.op import Needs, Result, through_autograd
 
-from . import infonce_small
+from . import infonce_small, small
 from .ops import pairwise_nce_triton
 
 _tiled = through_autograd(pairwise_nce_triton)
 
 
 def nce_op(call: Call, zs, needs: Needs) -> Result:
-    if infonce_small.takes(call, zs):
+    if small.takes(call, zs):
         return infonce_small.nce_op(call, zs, needs)
     return _tiled(call, zs, needs)

@@ -16,7 +16,6 @@ import torch
 from fastpair import distributed, epilogue
 from fastpair.call import Call, PerPair
 from fastpair.numerics import LN2
-from fastpair.op import through_autograd
 from fastpair.targets import Groups, add_target_grads, group_labels, target_terms
 
 from . import launch
@@ -223,6 +222,3 @@ def pairwise_sigmoid_triton(zs, call: Call):
         sizes, rank, group, pairs, call.ids)
     return loss, pair_losses, accuracy
 
-
-
-sigmoid_op = through_autograd(pairwise_sigmoid_triton)

@@ -33,12 +33,12 @@ def triton_only():
 
 @pytest.fixture
 def tiled(monkeypatch):
-    """The Triton InfoNCE calls take the tiled kernels at every N (kernels/infonce_small.py takes N <= 64
+    """The Triton InfoNCE calls take the tiled kernels at every N (kernels/small.py: N <= 64 takes one program
     otherwise): for the tests of the sweep, the panels and their bounds at interpreter-sized batches."""
     if triton_runs():
-        from fastpair.kernels import infonce_small
+        from fastpair.kernels import small
 
-        monkeypatch.setattr(infonce_small, "MAX_N", 0)
+        monkeypatch.setattr(small, "MAX_N", 0)
 
 
 @pytest.fixture(params=["torch", "triton"])

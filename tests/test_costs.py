@@ -1,7 +1,7 @@
 """Cost budgets (docs/design.md): one forward + backward of M = 3 modalities, counted by tests/costs.py, held
 to written budgets, so that a host-overhead or memory regression fails here instead of on the next GPU.
 
-- Triton launches, exactly: InfoNCE at N <= 64 one (kernels/infonce_small.py); otherwise 1 forward, 1 per pair
+- Triton launches, exactly: InfoNCE and sigmoid at N <= 64 one (kernels/small.py); otherwise 1 forward, 1 per pair
   and row panel of the backward, 1 input gradient.
 - Other tensor ops, and of them those that compute (kernels on a GPU): at most the counts measured when the
   budget was written plus about 10%.
@@ -22,7 +22,7 @@ import torch
 from costs import measure
 from helpers import device_for, triton_runs
 
-from fastpair import PairwiseNCE, gram_nce, pairwise_nce, pairwise_sigmoid
+from fastpair import GramNCE, PairwiseNCE, PairwiseSigmoid, gram_nce, pairwise_nce, pairwise_sigmoid
 from fastpair._torch_backend import default_block
 
 M, D = 3, 32
@@ -34,12 +34,12 @@ P = M * (M - 1) // 2
 OPS = {
     ("nce", "torch", 64, "numbers"): (265, 175), ("nce", "torch", 64, "tensors"): (300, 200),
     ("nce", "torch", 2048, "numbers"): (570, 305), ("nce", "torch", 2048, "tensors"): (680, 380),
-    # N <= 64: one program (kernels/infonce_small.py); the ops left allocate its outputs and scale its gradients
+    # N <= 64: one program (kernels/small.py); the ops left allocate its outputs and scale its gradients
     ("nce", "triton", 64, "numbers"): (14, 3), ("nce", "triton", 64, "tensors"): (19, 4),
     ("nce", "triton", 128, "numbers"): (195, 52), ("nce", "triton", 128, "tensors"): (250, 80),
     ("sigmoid", "torch", 64, "numbers"): (260, 168), ("sigmoid", "torch", 64, "tensors"): (315, 204),
     ("sigmoid", "torch", 2048, "numbers"): (540, 317), ("sigmoid", "torch", 2048, "tensors"): (678, 411),
-    ("sigmoid", "triton", 64, "numbers"): (81, 32), ("sigmoid", "triton", 64, "tensors"): (131, 60),
+    ("sigmoid", "triton", 64, "numbers"): (14, 3), ("sigmoid", "triton", 64, "tensors"): (24, 5),
     ("sigmoid", "triton", 128, "numbers"): (195, 52), ("sigmoid", "triton", 128, "tensors"): (266, 79),
     # GRAM: per row block k tiles, the volumes and their gradient's elementwise passes
     ("gram", "torch", 64, "numbers"): (440, 250), ("gram", "torch", 64, "tensors"): (455, 257),
@@ -49,6 +49,8 @@ OPS = {
     ("gram", "triton", 128, "numbers"): (340, 192), ("gram", "triton", 128, "tensors"): (350, 196),
 }
 LOSSES = {"nce": pairwise_nce, "sigmoid": pairwise_sigmoid, "gram": gram_nce}
+MODULES = {"nce": PairwiseNCE, "sigmoid": PairwiseSigmoid, "gram": GramNCE}
+SMALL = ("nce", "sigmoid")  # the objectives with a one-program path at N <= 64 (kernels/small.py)
 PANEL_ROWS = {64: None, 128: 32}  # the Triton backward's rows per panel (None: one panel per pair)
 
 
@@ -96,7 +98,7 @@ def _extra_budget(backend, n, elem, objective="nce"):
     gradients are computed in the forward (fastpair/op.py), the op's gradients and their scaled copies coexist for
     a moment: one more M N D in the input dtype. N <= 64 (one program): that copy, G for every pair
     (P x 64 x 64 fp32 at most) and O(N) vectors."""
-    if objective == "nce" and backend == "triton" and n <= 64:
+    if objective in SMALL and backend == "triton" and n <= 64:
         return M * n * D * elem + P * 64 * 64 * 4 + 48 * n * 4
     if objective == "gram" and backend == "torch":
         return 3 * M * n * D * 4 + (M - 1 + 4) * min(max(16, default_block(n) // 2), n) * n * 4 + 64 * n * 4
@@ -121,7 +123,7 @@ def test_costs_within_budget(objective, backend, n, parameters, monkeypatch):
     if backend == "triton":
         if not triton_runs():
             pytest.skip("Triton is not available here")
-        from fastpair.kernels import infonce_small, launch
+        from fastpair.kernels import launch, small
 
         if PANEL_ROWS[n]:
             monkeypatch.setattr(launch, "PANEL_BYTES", PANEL_ROWS[n] * n * 4)
@@ -132,7 +134,7 @@ def test_costs_within_budget(objective, backend, n, parameters, monkeypatch):
         launches = 0
     elif objective == "gram":  # both forward directions, one gradient launch per row panel
         launches = 2 + -(-n // _gram_panel(n))
-    elif objective == "nce" and n <= infonce_small.MAX_N:  # loss, statistics and gradients in one program
+    elif objective in SMALL and n <= small.MAX_N:  # loss, statistics and gradients in one program
         launches = 1
     else:
         launches = 1 + P * -(-n // _panel_height(n, zs[0].element_size())) + 1
@@ -166,18 +168,31 @@ def test_module_step_reads_no_device_value_on_triton(backend):
     assert module.log_temperature.grad is not None
 
 
-def test_small_batch_step_kernel_budget(triton_only):
-    """The step bench/host.py times: every kernel a GPU would launch, the temperature's exp and clamp and the
-    gradients' scaling included, at most 20 (the plain PyTorch step: about 125)."""
-    module = PairwiseNCE(M, backend="triton").to(device_for("triton"))
-    zs = [torch.randn(64, 512, device=device_for("triton"), requires_grad=True) for _ in range(M)]
+def _module_step_costs(objective, n=64, d=512):
+    """The costs of one forward + backward of the objective's module (learnable parameters) on the Triton path."""
+    module = MODULES[objective](M, backend="triton").to(device_for("triton"))
+    zs = [torch.randn(n, d, device=device_for("triton"), requires_grad=True) for _ in range(M)]
 
     def step():
         module(*zs).backward()
 
     step()
-    costs, _ = measure(step)
+    return measure(step)[0]
+
+
+def test_small_batch_step_kernel_budget(triton_only):
+    """The step bench/host.py times: every kernel a GPU would launch, the temperature's exp and clamp and the
+    gradients' scaling included, at most 20 (the plain PyTorch step: about 125)."""
+    costs = _module_step_costs("nce")
     assert costs.launches == 1 and costs.launches + costs.kernels <= 20 and not costs.reads, costs
+
+
+def test_small_batch_sigmoid_step_within_1_2x_of_infonce(triton_only):
+    """The sigmoid objective's small-batch step (a learnable bias besides the temperature) costs at most 1.2x
+    InfoNCE's kernels."""
+    nce, sigmoid = _module_step_costs("nce"), _module_step_costs("sigmoid")
+    assert sigmoid.launches == 1 and not sigmoid.reads, sigmoid
+    assert sigmoid.launches + sigmoid.kernels <= 1.2 * (nce.launches + nce.kernels), (sigmoid, nce)
 
 
 # The counter itself: each kind of cost it claims to see, seen.

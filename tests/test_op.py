@@ -1,5 +1,6 @@
-"""The op layer (fastpair/op.py): one table, one op shape, eager and compiled dispatch; and InfoNCE's one-program
-path for small batches (kernels/infonce_small.py) against the tiled kernels it stands in for."""
+"""The op layer (fastpair/op.py): one table, one op shape, eager and compiled dispatch; and the one-program paths
+for small batches (kernels/small.py, infonce_small.py, sigmoid_small.py) against the tiled kernels they stand
+in for."""
 
 from __future__ import annotations
 
@@ -85,54 +86,72 @@ CASES = [{}, {"mask": True}, {"ids": "labels", "label_smoothing": 0.1}, {"normal
          {"pairs": [(0, 1), (2, 0)]}, {"weights": [1.0, 0.0, 2.0]}]
 
 
+SMALL = ["nce", "sigmoid"]  # the objectives with a one-program path
+
+
+def _learnable(objective, temperature, device):
+    """The parameters of a learnable call: the temperature, and the sigmoid's bias."""
+    params = {"temperature": torch.tensor(temperature, device=device, requires_grad=True)}
+    if objective == "sigmoid":
+        params["bias"] = torch.tensor(-2.0, device=device, requires_grad=True)
+    return params
+
+
+@pytest.mark.parametrize("objective", SMALL)
 @pytest.mark.parametrize("case", CASES, ids=[str(sorted(c)) or "plain" for c in CASES])
 @pytest.mark.parametrize("learnable", [False, True])
-def test_small_path_matches_the_tiled_kernels(case, learnable, monkeypatch, triton_only):
+def test_small_path_matches_the_tiled_kernels(objective, case, learnable, monkeypatch, triton_only):
     """The one-program path and the tiled kernels give the same loss, gradients and statistics."""
-    from fastpair.kernels import infonce_small
+    from fastpair.kernels import small
 
     n = 24
     kw = case_kwargs(case, n)
+    if objective == "sigmoid":
+        kw.pop("label_smoothing", None)
     zs, temperature = case_inputs(kw, n, seed=7)
     zs = on(zs, "triton")
     kw = {k: v.to(zs[0].device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     outputs = []
-    for max_n in (infonce_small.MAX_N, 0):
-        monkeypatch.setattr(infonce_small, "MAX_N", max_n)
+    for max_n in (small.MAX_N, 0):
+        monkeypatch.setattr(small, "MAX_N", max_n)
         leaves = [z.detach().requires_grad_() for z in zs]
-        t = torch.tensor(temperature, device=zs[0].device, requires_grad=True) if learnable else temperature
-        loss, stats = pairwise_nce(*leaves, temperature=t, backend="triton", return_stats=True, **kw)
+        params = _learnable(objective, temperature, zs[0].device) if learnable else {"temperature": temperature}
+        loss, stats = LOSSES[objective](*leaves, backend="triton", return_stats=True, **params, **kw)
         loss.backward()
         outputs.append([loss, stats["pair_losses"], stats["pair_accuracy"], *(z.grad for z in leaves)]
-                       + ([t.grad] if learnable else []))
+                       + [p.grad for p in params.values() if isinstance(p, torch.Tensor)])
     for a, b in zip(*outputs):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
 
 
-def test_small_path_is_one_launch_and_the_same_bits_every_run(triton_only):
+@pytest.mark.parametrize("objective", SMALL)
+def test_small_path_is_one_launch_and_the_same_bits_every_run(objective, triton_only):
     from costs import measure
 
     zs = on(make_embeddings(3, 20, 12, seed=8), "triton")
-    t = torch.tensor(0.1, device=zs[0].device, requires_grad=True)
+    params = _learnable(objective, 0.1, zs[0].device)
 
     def step():
-        loss = pairwise_nce(*zs, temperature=t, backend="triton")
+        loss = LOSSES[objective](*zs, backend="triton", **params)
         loss.backward()
-        return loss.detach().clone(), [z.grad.clone() for z in zs], t.grad.clone()
+        return [loss.detach().clone()] + [x.grad.clone() for x in (*zs, *params.values())]
 
     first = step()
-    for z in zs:
-        z.grad = None
-    t.grad = None
+    for x in (*zs, *params.values()):
+        x.grad = None
     costs, second = measure(step)
     assert costs.launches == 1
-    assert torch.equal(first[0], second[0]) and torch.equal(first[2], second[2])
-    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-@pytest.mark.parametrize("bad", [-0.1, 0.0, float("inf"), float("nan")])
-def test_small_path_invalid_temperature_tensor_gives_nan(bad, triton_only):
+BAD_PARAMETERS = [("nce", "temperature", v) for v in (-0.1, 0.0, float("inf"), float("nan"))] + [
+    ("sigmoid", "temperature", 0.0), ("sigmoid", "bias", float("inf")), ("sigmoid", "bias", float("nan"))]
+
+
+@pytest.mark.parametrize("objective,name,bad", BAD_PARAMETERS)
+def test_small_path_invalid_parameter_tensor_gives_nan(objective, name, bad, triton_only):
     zs = on(make_embeddings(3, 16, 8, seed=24), "triton")
-    t = torch.tensor([0.1, bad, 0.1], device=device_for("triton"))
-    loss, stats = pairwise_nce(*zs, temperature=t, backend="triton", return_stats=True)
+    value = {"temperature": 0.1, "bias": -1.0}[name]
+    params = {name: torch.tensor([value, bad, value], device=device_for("triton"))}
+    loss, stats = LOSSES[objective](*zs, backend="triton", return_stats=True, **params)
     assert torch.isnan(loss) and torch.isnan(stats["pair_losses"]).all()

@@ -1,0 +1,286 @@
+"""The one-program machinery every objective's small-batch kernel shares (N <= 64, one process).
+
+At the batch sizes this paper trains at, a GPU step is bound by host work: the tiled path's sweep, panels,
+GEMMs and epilogue are each cheap on the device and each a launch and a dispatch on the host. A small-batch
+kernel instead holds each pair's N x N logits in registers, one pair at a time, and writes the loss, its
+statistics and every gradient in one launch. What differs between objectives is the elementwise function of
+the logits and the gradient G = dL/dS it leaves; what is shared lives here:
+
+- `pair_logits`: S / scale = diag(r_p) Z_p Z_q^T diag(r_q), with the inverse norms r summed in the same D loop;
+- `hit_rate`: both directions' first-argmax top-1 hits over the valid samples;
+- a scratch buffer (fp32) holding, per pair k, G_k / t_k (N x N), the inverse norms per modality and three
+  words per pair: c_k * total (the epilogue's coefficient before its normalization by the weights' total),
+  sum_ij G_ij S_ij / t_k and sum_ij G_ij;
+- `parameter_grads`: dL/dt_k = -(c_k / total) sum G S / t_k, dL/db_k = (c_k / total) sum G (summed over pairs
+  for a shared parameter);
+- `embedding_grads`: dx_i = sum_k (c_k / total) sum_j (G_ij / t_k) y_j, and with normalization
+  dz_i = r_i (dx_i - x_i <x_i, dx_i>), <x_i, dx_i> summed over D in a pass of its own;
+- on the host, `arguments` and `result`: the launch's shared keyword arguments and the op's Result.
+
+G is stored in fp32, so no 16-bit gradient panel can flush to zero, and no atomics are used: the result is
+the same bits every run. Numeric temperatures, biases and weights are kernel arguments (no device table,
+nothing a CUDA graph could lose); a parameter tensor is read through a pointer and checked in the kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from fastpair.call import Call, PerPair
+from fastpair.op import Needs, Result
+
+from . import tuning
+from .launch import input_precision
+
+MAX_N = 64  # the largest batch held in one program (its N x N tiles in registers)
+
+
+def takes(call: Call, zs) -> bool:
+    """Whether a one-program kernel computes the call: one process, N <= MAX_N."""
+    return call.shard is None and zs[0].shape[0] <= MAX_N
+
+
+@triton.jit
+def pair_logits(zp, zq, stride_pn, stride_pd, stride_qn, stride_qd, offs_n, N, D,
+                NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr):
+    """(<z_p[i], z_q[j]> r_p[i] r_q[j], r_p, r_q): one pass over D for the products and both sides' norms."""
+    acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+    sp = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_n.to(tl.int64)[:, None]
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        inside = (offs_n[:, None] < N) & (dd[None, :] < D)
+        a = tl.load(zp + rows * stride_pn + dd[None, :] * stride_pd, mask=inside, other=0.0)
+        b = tl.load(zq + rows * stride_qn + dd[None, :] * stride_qd, mask=inside, other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+        if NORMALIZE:
+            af = a.to(tl.float32)
+            bf = b.to(tl.float32)
+            sp += tl.sum(af * af, axis=1)
+            sq += tl.sum(bf * bf, axis=1)
+    if NORMALIZE:
+        rp = 1.0 / tl.maximum(tl.sqrt(sp), 1e-12)  # fastpair.numerics.NORM_EPS
+        rq = 1.0 / tl.maximum(tl.sqrt(sq), 1e-12)
+    else:
+        rp = tl.full((BLOCK_N,), 1.0, tl.float32)
+        rq = tl.full((BLOCK_N,), 1.0, tl.float32)
+    return acc * rp[:, None] * rq[None, :], rp, rq
+
+
+@triton.jit
+def pair_valid(mask_ptr, stride_maskm, stride_maskn, offs_n, N, p: tl.constexpr, q: tl.constexpr,
+               HAS_MASK: tl.constexpr):
+    """The pair's valid samples: inside the batch and, with a mask, present in both modalities."""
+    valid = offs_n < N
+    if HAS_MASK:
+        present_p = tl.load(mask_ptr + p * stride_maskm + offs_n * stride_maskn, mask=valid, other=0)
+        present_q = tl.load(mask_ptr + q * stride_maskm + offs_n * stride_maskn, mask=valid, other=0)
+        valid = valid & (present_p != 0) & (present_q != 0)
+    return valid
+
+
+@triton.jit
+def parameter_ok(ptr, FROM_PTR: tl.constexpr, COUNT: tl.constexpr, POSITIVE: tl.constexpr):
+    """Whether a parameter tensor's COUNT values are valid (finite, and > 0 for a temperature); True for
+    numbers (checked on the host). Checked here, not on the host (a sync): an invalid one gives NaN losses."""
+    ok = True
+    if FROM_PTR:
+        for k in tl.static_range(COUNT):
+            value = tl.load(ptr + k)
+            ok = ok & (tl.abs(value) < float("inf"))
+            if POSITIVE:
+                ok = ok & (value > 0.0)
+    return ok
+
+
+@triton.jit
+def parameter_value(ptr, values, k: tl.constexpr, FROM_PTR: tl.constexpr, SHARED: tl.constexpr):
+    """Pair k's value: from the tensor (its one value when shared) or the numbers."""
+    if FROM_PTR:
+        return tl.load(ptr) if SHARED else tl.load(ptr + k)
+    return values[k]
+
+
+@triton.jit
+def hit_rate(s_masked, same, offs_n, valid, axis: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The share of valid rows (axis 1) or columns (axis 0) whose first argmax is a positive."""
+    best = tl.max(s_masked, axis=axis)
+    if axis == 1:
+        at_best = s_masked == best[:, None]
+        first = tl.min(tl.where(at_best, offs_n[None, :], BLOCK_N), axis=1)
+        hit = tl.sum(tl.where(offs_n[None, :] == first[:, None], same, 0.0), axis=1)
+    else:
+        at_best = s_masked == best[None, :]
+        first = tl.min(tl.where(at_best, offs_n[:, None], BLOCK_N), axis=0)
+        hit = tl.sum(tl.where(offs_n[:, None] == first[None, :], same, 0.0), axis=0)
+    n = tl.sum(valid.to(tl.float32))
+    return tl.sum(tl.where(valid, hit, 0.0)) / tl.maximum(n, 1.0)
+
+
+@triton.jit
+def store_pair_grad(scratch_ptr, k: tl.constexpr, g, s, scale, coef, rp, rq, p: tl.constexpr, q: tl.constexpr,
+                    offs_n, NUM_P: tl.constexpr, NUM_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    NEEDS_DZ: tl.constexpr):
+    """Pair k's share of the scratch (see the module's docstring): G / t, the inverse norms, c_k total,
+    sum G S / t and sum G."""
+    c_base = scratch_ptr + NUM_P * BLOCK_N * BLOCK_N + NUM_M * BLOCK_N
+    tl.store(c_base + k, coef)
+    tl.store(c_base + NUM_P + k, tl.sum(tl.sum(g * s, axis=1)) * scale)
+    tl.store(c_base + 2 * NUM_P + k, tl.sum(tl.sum(g, axis=1)))
+    if NEEDS_DZ:
+        tile = offs_n[:, None] * BLOCK_N + offs_n[None, :]
+        tl.store(scratch_ptr + k * BLOCK_N * BLOCK_N + tile, g * scale)
+        r_base = scratch_ptr + NUM_P * BLOCK_N * BLOCK_N
+        tl.store(r_base + p * BLOCK_N + offs_n, rp)
+        tl.store(r_base + q * BLOCK_N + offs_n, rq)
+
+
+@triton.jit
+def parameter_grads(scratch_ptr, out_ptr, total, WHICH: tl.constexpr, SIGN: tl.constexpr, NUM_P: tl.constexpr,
+                    NUM_M: tl.constexpr, BLOCK_N: tl.constexpr, SHARED: tl.constexpr):
+    """dL/dt (WHICH 1, SIGN -1: -(c_k / total) sum G S / t_k) or dL/db (WHICH 2, SIGN 1: (c_k / total) sum G),
+    per pair or summed over the pairs for a shared parameter."""
+    c_base = scratch_ptr + NUM_P * BLOCK_N * BLOCK_N + NUM_M * BLOCK_N
+    shared = 0.0
+    for k in tl.static_range(NUM_P):
+        grad = SIGN * tl.load(c_base + k) / total * tl.load(c_base + WHICH * NUM_P + k)
+        if SHARED:
+            shared += grad
+        else:
+            tl.store(out_ptr + k, grad)
+    if SHARED:
+        tl.store(out_ptr, shared)
+
+
+@triton.jit
+def embedding_grads(zs, stride_zn, stride_zd, dz_ptr, stride_dzm, stride_dzn, scratch_ptr, total, offs_n, N, D,
+                    PAIRS: tl.constexpr, NUM_M: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """dL/dz_m for every modality. With normalization, <x_i, dx_i> is summed over D first (one pass), as the
+    torch backend does: taken from the same dx, so that dz vanishes exactly where it should (D = 1)."""
+    NUM_P: tl.constexpr = len(PAIRS)
+    r_base = scratch_ptr + NUM_P * BLOCK_N * BLOCK_N
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_n.to(tl.int64)[:, None]
+    for m in tl.static_range(NUM_M):
+        r_m = tl.load(r_base + m * BLOCK_N + offs_n)
+        dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if NORMALIZE:
+            for d0 in range(0, D, BLOCK_D):
+                dx, x = _dx_chunk(zs, stride_zn, stride_zd, scratch_ptr, total, r_m, offs_n, d0 + offs_d, N, D, m,
+                                  PAIRS, NUM_M, BLOCK_N, INPUT_PRECISION)
+                dot += tl.sum(x * dx, axis=1)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            dx, x = _dx_chunk(zs, stride_zn, stride_zd, scratch_ptr, total, r_m, offs_n, dd, N, D, m, PAIRS, NUM_M,
+                              BLOCK_N, INPUT_PRECISION)
+            if NORMALIZE:
+                dx = r_m[:, None] * (dx - x * dot[:, None])
+            out = dz_ptr + m * stride_dzm + rows * stride_dzn + dd[None, :]
+            tl.store(out, dx.to(dz_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (dd[None, :] < D))
+
+
+@triton.jit
+def _dx_chunk(zs, stride_zn, stride_zd, scratch_ptr, total, r_m, offs_n, dd, N, D, m: tl.constexpr,
+              PAIRS: tl.constexpr, NUM_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """(dL/dx_m, x_m) on columns dd: every pair's c_k G / t_k against the other side's unit vectors."""
+    NUM_P: tl.constexpr = len(PAIRS)
+    r_base = scratch_ptr + NUM_P * BLOCK_N * BLOCK_N
+    c_base = r_base + NUM_M * BLOCK_N
+    tile = offs_n[:, None] * BLOCK_N + offs_n[None, :]
+    rows = offs_n.to(tl.int64)[:, None]
+    inside = (offs_n[:, None] < N) & (dd[None, :] < D)
+    dx = tl.zeros((BLOCK_N, dd.shape[0]), dtype=tl.float32)
+    for k in tl.static_range(NUM_P):
+        p: tl.constexpr = PAIRS[k][0]
+        q: tl.constexpr = PAIRS[k][1]
+        if (p == m) or (q == m):
+            o: tl.constexpr = q if p == m else p
+            g = tl.load(scratch_ptr + k * BLOCK_N * BLOCK_N + tile) * (tl.load(c_base + k) / total)
+            other = tl.load(zs[o] + rows * stride_zn[o] + dd[None, :] * stride_zd[o], mask=inside, other=0.0)
+            y = other.to(tl.float32) * tl.load(r_base + o * BLOCK_N + offs_n)[:, None]
+            if p == m:
+                dx = tl.dot(g, y, dx, input_precision=INPUT_PRECISION)
+            else:
+                dx = tl.dot(tl.trans(g), y, dx, input_precision=INPUT_PRECISION)
+    own = tl.load(zs[m] + rows * stride_zn[m] + dd[None, :] * stride_zd[m], mask=inside, other=0.0)
+    return dx, own.to(tl.float32) * r_m[:, None]
+
+
+# --- the host side -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Outputs:
+    """What a small-batch kernel writes (fp32 unless noted); an unneeded one is a placeholder."""
+
+    loss: torch.Tensor  # 0-d
+    pair_losses: torch.Tensor  # (P,)
+    accuracy: torch.Tensor  # (P, 2)
+    dz: torch.Tensor  # (M, N, D) in the inputs' dtype
+    dt: torch.Tensor  # the temperature tensor's shape
+    db: torch.Tensor  # the bias tensor's shape
+
+
+def _parameter(prefix: str, parameter: PerPair | None, numbers, placeholder) -> dict:
+    """A temperature's (numbers: 1/t) or a bias's (numbers: b) kernel arguments."""
+    from_ptr = parameter is not None and parameter.values is None
+    tensor = parameter.tensor.detach().float().reshape(-1) if from_ptr else placeholder
+    return {f"{prefix}_ptr": tensor, f"{prefix}_values": numbers,
+            f"{prefix.upper()}_FROM_PTR": from_ptr, f"{prefix.upper()}_SHARED": from_ptr and tensor.numel() == 1}
+
+
+def arguments(call: Call, zs, needs: Needs) -> tuple[dict, Outputs]:
+    """The keyword arguments every small-batch kernel takes, and the outputs they point at."""
+    z = zs[0]
+    n, d = z.shape
+    num_m, num_p = len(zs), len(call.pairs)
+    block_n = max(16, triton.next_power_of_2(n))
+    if tuning.INTERPRET and z.dtype == torch.bfloat16:  # numpy has no bf16: the interpreter reads fp32 copies
+        zs = [t.float() for t in zs]
+    f32 = dict(dtype=torch.float32, device=z.device)
+    loss = torch.empty((), **f32)
+    t, b = call.temperature, call.bias
+    needs_dt = needs.temperature and t.values is None
+    needs_db = needs.bias and b is not None and b.values is None
+    out = Outputs(loss=loss, pair_losses=torch.empty(num_p, **f32), accuracy=torch.empty(num_p, 2, **f32),
+                  dz=torch.empty((num_m, n, d), dtype=zs[0].dtype, device=z.device) if needs.z else loss,
+                  dt=torch.empty(t.tensor.shape, **f32) if needs_dt else loss,
+                  db=torch.empty(b.tensor.shape, **f32) if needs_db else loss)
+    words = num_p * block_n * block_n + num_m * block_n + 3 * num_p
+    mask, ids = call.mask, call.ids
+    args = dict(
+        zs=tuple(zs), stride_zn=tuple(x.stride(0) for x in zs), stride_zd=tuple(x.stride(1) for x in zs),
+        **_parameter("t", t, (1.0,) * num_p if t.values is None else tuple(1.0 / v for v in t.values), loss),
+        weights=tuple(float(w) for w in call.weights),
+        mask_ptr=mask if mask is not None else loss,
+        stride_maskm=mask.stride(0) if mask is not None else 0, stride_maskn=mask.stride(1) if mask is not None else 0,
+        ids_ptr=ids if ids is not None else loss, stride_idsn=ids.stride(0) if ids is not None else 0,
+        loss_ptr=out.loss, pair_loss_ptr=out.pair_losses, acc_ptr=out.accuracy, dz_ptr=out.dz,
+        stride_dzm=out.dz.stride(0) if needs.z else 0, stride_dzn=out.dz.stride(1) if needs.z else 0,
+        dt_ptr=out.dt, scratch_ptr=torch.empty(words if needs.any else 1, **f32), N=n, D=d,
+        PAIRS=tuple(call.pairs), NUM_M=num_m, NORMALIZE=call.normalize, HAS_MASK=mask is not None,
+        HAS_IDS=ids is not None, NEEDS_DZ=needs.z, NEEDS_DT=needs_dt, BLOCK_N=block_n,
+        BLOCK_D=32 if d <= 32 else 64, INPUT_PRECISION=input_precision(z.dtype), num_warps=4)
+    if b is not None:
+        args.update(_parameter("b", b, (0.0,) * num_p if b.values is None else tuple(b.values), loss),
+                    db_ptr=out.db, NEEDS_DB=needs_db)
+    return args, out
+
+
+def result(call: Call, zs, needs: Needs, out: Outputs) -> Result:
+    """The op's Result: the loss, its statistics and the gradients asked for, in their dtypes."""
+    grads: tuple = ()
+    if needs.z:
+        grads = tuple(out.dz.to(zs[0].dtype).unbind(0))
+    if needs.temperature:
+        grads = (*grads, out.dt.to(call.temperature.tensor.dtype))
+    if needs.bias:
+        grads = (*grads, out.db.to(call.bias.tensor.dtype))
+    return Result(out.loss, (out.pair_losses, out.accuracy), grads)
