@@ -7,7 +7,19 @@ import statistics
 
 PRECISIONS = ("16-bit", "tf32", "tf32x3", "ieee")
 TENSOR_CORES = ("16-bit", "tf32", "tf32x3")  # dots on tensor cores; "ieee" (asked for) runs on FMA units
-DOT_KERNELS = ("fwd_kernel", "grad_panel_kernel", "gram_fwd_kernel", "gram_grad_kernel")  # those with a tl.dot
+DOT_KERNELS = ("fwd_kernel", "grad_panel_kernel", "gram_fwd_kernel", "gram_grad_kernel", "nce_small_kernel",
+               "sigmoid_small_kernel")  # those with a tl.dot
+
+
+SMALL_TILE_KERNELS = ("nce_small_kernel", "sigmoid_small_kernel")  # one program, N <= 64 rows
+
+
+def has_tensor_cores(r: dict, prefix: str) -> bool:
+    """Whether a compilation issues the arch's tensor-core instructions (SASS prefix). The one-program kernels
+    may take mma.sync (HMMA) on sm_90a too: wgmma needs 64-row tiles per warpgroup, which BLOCK_N <= 32 lacks."""
+    if _mma_count(r, prefix):
+        return True
+    return r["job"]["kernel"] in SMALL_TILE_KERNELS and _mma_count(r, "HMMA") > 0
 
 
 def rows(data: dict) -> list[dict]:
@@ -47,7 +59,7 @@ def tallies(data: dict) -> dict:
         out[arch] = dict(
             gpu=info["gpu"], compilations=len(rs), failures=len(rs) - len(ok),
             spilling=sum(1 for r in ok if _spills(r)), max_spill=max((_spills(r) for r in ok), default=0),
-            without_mma=sum(1 for r in dots if not _mma_count(r, info.get("mma", ""))),
+            without_mma=sum(1 for r in dots if not has_tensor_cores(r, info.get("mma", ""))),
             over_shared=sum(1 for r in ok if r["shared"] > info["shared_per_block"]),
             unlaunchable=sum(1 for r in ok if r["occupancy"]["blocks"] < 1),
         )

@@ -20,7 +20,7 @@ from unittest import mock
 
 import fastpair.kernels
 import torch
-from fastpair.kernels import gram, gram_ops, jit, launch, small, tuning
+from fastpair.kernels import gram, gram_ops, infonce_small, jit, launch, sigmoid_small, small, tuning
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
@@ -36,8 +36,12 @@ OUTPUTS = {  # what a recorder zero-fills, so that the host code after a launch 
     "input_grad_kernel": ("out_ptr",),
     "gram_fwd_kernel": ("lse_ptr", "tgt_ptr", "best_ptr", "arg_ptr"),
     "gram_grad_kernel": ("g_ptr", "part_ptr", "wv_ptr"),
+    "nce_small_kernel": ("loss_ptr", "pair_loss_ptr", "acc_ptr", "dz_ptr", "dt_ptr"),
+    "sigmoid_small_kernel": ("loss_ptr", "pair_loss_ptr", "acc_ptr", "dz_ptr", "dt_ptr", "db_ptr"),
 }
-KERNELS = {name: getattr(jit, name, None) or getattr(gram, name) for name in OUTPUTS}  # by name
+SMALL_KERNELS = {"nce_small_kernel": infonce_small, "sigmoid_small_kernel": sigmoid_small}  # name -> its module
+KERNELS = {name: getattr(jit, name, None) or getattr(gram, name, None) or getattr(SMALL_KERNELS.get(name), name)
+           for name in OUTPUTS}  # by name
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class Case:
     deterministic: bool = False
     ids: bool = False
     m: int = 3  # modalities (GRAM: its kernels specialize on k = M - 1)
+    n: int = 0  # rows: 0 for the tiled kernels (captured at CAPTURE_N, never specialized); N <= small.MAX_N for the
+    # one-program kernels (kernels/small.py), which specialize on BLOCK_N = max(16, next power of 2)
 
     @property
     def label(self) -> str:
@@ -62,6 +68,7 @@ class Case:
         flags = [f for f in ("mask", "stats", "deterministic", "ids") if getattr(self, f)]
         flags += [] if self.normalize else ["unnormalized"]
         flags += [] if self.m == 3 else [f"M={self.m}"]
+        flags += [f"small N={self.n}"] if self.n else []
         return " ".join([self.objective, precision, f"D={self.d}", f"t={self.temperature}", *flags])
 
 
@@ -84,7 +91,17 @@ def grid() -> list[Case]:
         cases.append(case)
     for d, objective, dtype, t in itertools.product(OTHER_D, GRID["objective"], GRID["dtype"], ("number", "learned")):
         cases.append(Case(objective=objective, dtype=dtype, d=d, temperature=t))
-    return cases + gram_grid()
+    return cases + gram_grid() + small_grid()
+
+
+def small_grid() -> list[Case]:
+    """The one-program kernels' calls (nce and sigmoid at N <= 64): every BLOCK_N and input precision, each
+    plain (numbers) and with the most work (a learned temperature and bias, a mask, ids)."""
+    precisions = [("bfloat16", "none"), ("float16", "none"), ("float32", "none"), ("float32", "tf32"),
+                  ("float32", "ieee")]
+    return [Case(objective=objective, dtype=dtype, fp32=fp32, n=n, **flags)
+            for objective in GRID["objective"] for n in (16, 32, small.MAX_N) for dtype, fp32 in precisions
+            for flags in (dict(), dict(temperature="learned", mask=True, ids=True))]
 
 
 def gram_grid() -> list[Case]:
@@ -123,13 +140,26 @@ class Variant:
         "fwd bf16 ieee BOUNDED ATOMIC_COLS"."""
         flags = self.flags
         on = [k for k, v in flags.items() if v is True]
-        dtype = self.signature[0][1].lstrip("*")  # the first argument: the inputs (z, dx or x_a)
+        dtype = self.dtype
         precision = flags.get("INPUT_PRECISION", "")
-        aligned = dict(self.attrs).get(self.arg_index("stride_n" if self.tuned else "stride"))
+        aligned = dict(self.attrs).get(self.stride_path)
         unaligned = "" if aligned else " D%16!=0"
         name = self.kernel.removesuffix("_kernel")
         ints = [f"{k}={flags[k]}" for k in ("K", "DIRECTION") if k in flags]  # GRAM's k and sweep direction
         return " ".join(x for x in (name, dtype, precision, *ints, *on) if x) + unaligned
+
+    @property
+    def dtype(self) -> str:
+        """The inputs' dtype: the first argument's (z, dx or x_a, or the first of a tuple of modalities)."""
+        first = self.signature[0][1]
+        return (first[0] if isinstance(first, tuple) else first).lstrip("*")
+
+    @property
+    def stride_path(self) -> tuple:
+        """The argument path of the inputs' row stride (the first modality's, for a tuple)."""
+        if self.kernel in SMALL_KERNELS:
+            return (self.arg_index("stride_zn"), 0)
+        return (self.arg_index("stride_n" if self.tuned else "stride"),)
 
     def arg_index(self, name: str) -> int:
         return [a for a, _ in self.signature].index(name)
@@ -146,6 +176,8 @@ class _Recorder:
 
     def _record(self, *args, **kwargs):
         names = self.fn.arg_names
+        if not args:  # a keyword launch (the one-program kernels): its arguments in the kernel's order
+            args = tuple(kwargs.pop(name) for name in names if name in kwargs)
         for name, value in zip(names, args):
             if name in OUTPUTS[self.fn.__name__] and isinstance(value, torch.Tensor):
                 value.zero_()
@@ -164,26 +196,29 @@ def _variant(fn, tuned: bool, args, kwargs) -> Variant:
     bound, specialization, _ = binder(*args, **kwargs, **placeholder, debug=False)
     _, signature, constexprs, attrs = fn._pack_args(backend, dict(kwargs, **placeholder), bound, specialization, {})
     names = fn.arg_names
-    named = {names[path[0]]: value for path, value in constexprs.items()}
+    # a constexpr inside a tuple argument (a modality's unit stride) is named "argument.index"
+    named = {".".join([names[path[0]], *map(str, path[1:])]): value for path, value in constexprs.items()}
     if tuned:
         named = {k: v for k, v in named.items() if k not in TILES}
     else:
         named.update(options)
-    z = args[0]
+    z = args[0][0] if isinstance(args[0], tuple) else args[0]  # the inputs (a tuple of them: one per modality)
     d_bucket = tuning.buckets(1, args[names.index("D")])[1]
     return Variant(fn.__name__, tuple(signature.items()), tuple(sorted(named.items())),
-                   tuple(sorted((path[0], tuple(map(tuple, a))) for path, a in attrs.items())), tuned,
+                   tuple(sorted((path, tuple(map(tuple, a))) for path, a in attrs.items())), tuned,
                    z.element_size(), d_bucket)
 
 
 @contextlib.contextmanager
-def _recording(sink: list):
-    """The launchers' kernels replaced by recorders; CPU tensors accepted by backend="triton"."""
+def _recording(sink: list, one_program: bool):
+    """The launchers' kernels replaced by recorders; CPU tensors accepted by backend="triton". one_program:
+    N <= small.MAX_N takes the one-program kernels, as it does on a GPU; otherwise the tiled kernels at every N."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(fastpair.kernels, "interpreter", lambda: True))
-        # the tiled kernels at the capture's N (InfoNCE's one-program path would take N <= 64; it is not in the
-        # report yet)
-        stack.enter_context(mock.patch.object(small, "MAX_N", 0))
+        if not one_program:
+            stack.enter_context(mock.patch.object(small, "MAX_N", 0))
+        for name, module in SMALL_KERNELS.items():
+            stack.enter_context(mock.patch.object(module, name, _Recorder(KERNELS[name], False, sink)))
         stack.enter_context(mock.patch.object(tuning, "fwd_tuned", _Recorder(jit.fwd_kernel, True, sink)))
         stack.enter_context(mock.patch.object(tuning, "panel_tuned", _Recorder(jit.grad_panel_kernel, True, sink)))
         stack.enter_context(mock.patch.object(launch, "input_grad_kernel",
@@ -226,13 +261,14 @@ def capture(case: Case) -> list[Variant]:
     """The kernels one forward + backward of `case` launches, in launch order."""
     gen = torch.Generator().manual_seed(0)
     dtype = getattr(torch, case.dtype)
-    zs = [torch.randn(CAPTURE_N, case.d, generator=gen).to(dtype).requires_grad_() for _ in range(case.m)]
+    n = case.n or CAPTURE_N
+    zs = [torch.randn(n, case.d, generator=gen).to(dtype).requires_grad_() for _ in range(case.m)]
     kwargs = dict(temperature=_temperature(case), normalize=case.normalize, return_stats=case.stats,
                   backend="triton")
     if case.mask:
-        kwargs["mask"] = torch.rand(case.m, CAPTURE_N, generator=gen) > 0.2
+        kwargs["mask"] = torch.rand(case.m, n, generator=gen) > 0.2
     if case.ids:
-        kwargs["ids"] = torch.arange(CAPTURE_N) // 2
+        kwargs["ids"] = torch.arange(n) // 2
     if case.objective == "sigmoid":
         learned = case.temperature == "learned"
         kwargs["bias"] = torch.tensor(-10.0, requires_grad=True) if learned else -10.0
@@ -242,7 +278,7 @@ def capture(case: Case) -> list[Variant]:
     else:
         loss_fn = fastpair.pairwise_nce
     sink: list[Variant] = []
-    with _recording(sink), _fp32_precision(case.fp32), _deterministic(case.deterministic):
+    with _recording(sink, one_program=bool(case.n)), _fp32_precision(case.fp32), _deterministic(case.deterministic):
         out = loss_fn(*zs, **kwargs)
         loss = out[0] if case.stats else out
         loss.backward()
@@ -266,6 +302,14 @@ def configs(variant: Variant, capability: int, shared_memory: int) -> list[dict]
                 entry["maxnreg"] = c.maxnreg
             seen.setdefault(tuple(sorted(entry.items())), entry)
     return list(seen.values())
+
+
+def launchable(variant: Variant, capability: int) -> bool:
+    """Whether the host code launches this variant on a GPU of this compute capability: the one-program kernels
+    take fewer rows before Hopper (small.max_block)."""
+    if variant.kernel in SMALL_KERNELS:
+        return variant.flags["BLOCK_N"] <= small.max_block(capability)
+    return True
 
 
 def variants(cases) -> dict[Variant, list[Case]]:

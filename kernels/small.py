@@ -24,6 +24,7 @@ nothing a CUDA graph could lose); a parameter tensor is read through a pointer a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,9 +40,35 @@ from .launch import input_precision
 MAX_N = 64  # the largest batch held in one program (its N x N tiles in registers)
 
 
+MAX_N_IEEE = 32  # fp32 on the FMA units (IEEE asked for): at 64 rows the program spills on sm_90
+MAX_N_BEFORE_HOPPER = 32  # sm_80 and sm_89 (mma.sync's register-held operands): at 64 rows the program spills
+
+
 def takes(call: Call, zs) -> bool:
-    """Whether a one-program kernel computes the call: one process, N <= MAX_N."""
-    return call.shard is None and zs[0].shape[0] <= MAX_N
+    """Whether a one-program kernel computes the call: one process, N at most the rows the device's program
+    holds without spilling registers (`max_rows`)."""
+    return call.shard is None and zs[0].shape[0] <= max_rows(zs[0])
+
+
+def max_rows(z: torch.Tensor) -> int:
+    """MAX_N, or fewer where the compile report found the program spilling: IEEE fp32, GPUs before Hopper."""
+    rows = MAX_N
+    if z.dtype == torch.float32 and input_precision(z.dtype) == "ieee":
+        rows = min(rows, MAX_N_IEEE)
+    if z.device.type == "cuda":
+        rows = min(rows, max_block(_capability(z.device.index)))
+    return rows
+
+
+def max_block(capability: int) -> int:
+    """The largest BLOCK_N launched on a GPU of this compute capability (80, 90, ...)."""
+    return MAX_N if capability >= 90 else MAX_N_BEFORE_HOPPER
+
+
+@functools.cache
+def _capability(index: int | None) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
 
 @triton.jit
@@ -192,26 +219,36 @@ def _dx_chunk(zs, stride_zn, stride_zd, scratch_ptr, total, r_m, offs_n, dd, N, 
               PAIRS: tl.constexpr, NUM_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """(dL/dx_m, x_m) on columns dd: every pair's c_k G / t_k against the other side's unit vectors."""
     NUM_P: tl.constexpr = len(PAIRS)
+    rows = offs_n.to(tl.int64)[:, None]
+    inside = (offs_n[:, None] < N) & (dd[None, :] < D)
+    dx = tl.zeros((BLOCK_N, dd.shape[0]), dtype=tl.float32)
+    for k in tl.static_range(NUM_P):  # (pairs by index: a name bound in a static_range body is no constexpr)
+        if PAIRS[k][0] == m:
+            dx = _dx_term(dx, zs, stride_zn, stride_zd, scratch_ptr, total, offs_n, dd, N, D, k, PAIRS[k][1], False,
+                          NUM_P, NUM_M, BLOCK_N, INPUT_PRECISION)
+        elif PAIRS[k][1] == m:
+            dx = _dx_term(dx, zs, stride_zn, stride_zd, scratch_ptr, total, offs_n, dd, N, D, k, PAIRS[k][0], True,
+                          NUM_P, NUM_M, BLOCK_N, INPUT_PRECISION)
+    own = tl.load(zs[m] + rows * stride_zn[m] + dd[None, :] * stride_zd[m], mask=inside, other=0.0)
+    return dx, own.to(tl.float32) * r_m[:, None]
+
+
+@triton.jit
+def _dx_term(dx, zs, stride_zn, stride_zd, scratch_ptr, total, offs_n, dd, N, D, k: tl.constexpr, o: tl.constexpr,
+             TRANSPOSED: tl.constexpr, NUM_P: tl.constexpr, NUM_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             INPUT_PRECISION: tl.constexpr):
+    """dx + (c_k / total) G_k / t_k (its transpose for the pair's second side) times modality o's unit vectors."""
     r_base = scratch_ptr + NUM_P * BLOCK_N * BLOCK_N
     c_base = r_base + NUM_M * BLOCK_N
     tile = offs_n[:, None] * BLOCK_N + offs_n[None, :]
     rows = offs_n.to(tl.int64)[:, None]
     inside = (offs_n[:, None] < N) & (dd[None, :] < D)
-    dx = tl.zeros((BLOCK_N, dd.shape[0]), dtype=tl.float32)
-    for k in tl.static_range(NUM_P):
-        p: tl.constexpr = PAIRS[k][0]
-        q: tl.constexpr = PAIRS[k][1]
-        if (p == m) or (q == m):
-            o: tl.constexpr = q if p == m else p
-            g = tl.load(scratch_ptr + k * BLOCK_N * BLOCK_N + tile) * (tl.load(c_base + k) / total)
-            other = tl.load(zs[o] + rows * stride_zn[o] + dd[None, :] * stride_zd[o], mask=inside, other=0.0)
-            y = other.to(tl.float32) * tl.load(r_base + o * BLOCK_N + offs_n)[:, None]
-            if p == m:
-                dx = tl.dot(g, y, dx, input_precision=INPUT_PRECISION)
-            else:
-                dx = tl.dot(tl.trans(g), y, dx, input_precision=INPUT_PRECISION)
-    own = tl.load(zs[m] + rows * stride_zn[m] + dd[None, :] * stride_zd[m], mask=inside, other=0.0)
-    return dx, own.to(tl.float32) * r_m[:, None]
+    g = tl.load(scratch_ptr + k * BLOCK_N * BLOCK_N + tile) * (tl.load(c_base + k) / total)
+    other = tl.load(zs[o] + rows * stride_zn[o] + dd[None, :] * stride_zd[o], mask=inside, other=0.0)
+    y = other.to(tl.float32) * tl.load(r_base + o * BLOCK_N + offs_n)[:, None]
+    if TRANSPOSED:
+        g = tl.trans(g)
+    return tl.dot(g, y, dx, input_precision=INPUT_PRECISION)
 
 
 # --- the host side -------------------------------------------------------------------------------------------
@@ -254,6 +291,7 @@ def arguments(call: Call, zs, needs: Needs) -> tuple[dict, Outputs]:
                   dt=torch.empty(t.tensor.shape, **f32) if needs_dt else loss,
                   db=torch.empty(b.tensor.shape, **f32) if needs_db else loss)
     words = num_p * block_n * block_n + num_m * block_n + 3 * num_p
+    precision = input_precision(z.dtype)  # the gradient's dots take fp32 G: 3xTF32 unless fp32 asked for IEEE
     mask, ids = call.mask, call.ids
     args = dict(
         zs=tuple(zs), stride_zn=tuple(x.stride(0) for x in zs), stride_zd=tuple(x.stride(1) for x in zs),
@@ -267,11 +305,35 @@ def arguments(call: Call, zs, needs: Needs) -> tuple[dict, Outputs]:
         dt_ptr=out.dt, scratch_ptr=torch.empty(words if needs.any else 1, **f32), N=n, D=d,
         PAIRS=tuple(call.pairs), NUM_M=num_m, NORMALIZE=call.normalize, HAS_MASK=mask is not None,
         HAS_IDS=ids is not None, NEEDS_DZ=needs.z, NEEDS_DT=needs_dt, BLOCK_N=block_n,
-        BLOCK_D=32 if d <= 32 else 64, INPUT_PRECISION=input_precision(z.dtype), num_warps=4)
+        BLOCK_D=_forward_chunk(block_n, d, z.element_size()), BLOCK_DG=_gradient_chunk(block_n, d, z.element_size()),
+        INPUT_PRECISION=precision,
+        GRAD_PRECISION=precision if z.dtype == torch.float32 else "tf32x3", num_warps=_warps(block_n))
     if b is not None:
         args.update(_parameter("b", b, (0.0,) * num_p if b.values is None else tuple(b.values), loss),
                     db_ptr=out.db, NEEDS_DB=needs_db)
     return args, out
+
+
+def _forward_chunk(block_n: int, d: int, elem: int) -> int:
+    """The logits' D chunk: 64 columns while the two operand tiles are small (BLOCK_N x elem < 128 bytes a row),
+    32 below 256 bytes (fp32 at N = 32, 16-bit at N = 64), else 16 (fp32 at N = 64), so that sm_90 compiles
+    the kernels without spills (bench/results/compile-*.md)."""
+    if block_n * elem >= 256:
+        return 16
+    return 32 if d <= 32 or block_n * elem >= 128 else 64
+
+
+def _gradient_chunk(block_n: int, d: int, elem: int) -> int:
+    """The gradient pass's D chunk, by the same register arithmetic: its fp32 dx accumulator and operand tiles
+    beside the BLOCK_N x BLOCK_N G tile."""
+    if block_n >= 64 or (block_n >= 32 and elem == 4):
+        return 16
+    return 32 if d <= 32 else 64
+
+
+def _warps(block_n: int) -> int:
+    """8 warps from BLOCK_N = 32 up: the N x N fp32 tiles spread over 256 threads."""
+    return 4 if block_n <= 16 else 8
 
 
 def result(call: Call, zs, needs: Needs, out: Outputs) -> Result:

@@ -7,8 +7,8 @@ on sm_80 and sm_100a the variants with the most work per tile) is compiled once 
 - every launch compiles for every arch;
 - 0 bytes spilled (stores and loads), for every input precision;
 - every kernel with a tl.dot issues the arch's tensor-core instructions (HMMA on sm_80, HGMMA on sm_90a,
-  tcgen05's UTC*MMA on sm_100a) for 16-bit, TF32 and 3xTF32 inputs, fp32 included (IEEE fp32, which a user
-  must ask for, runs on the FMA units);
+  tcgen05's UTC*MMA on sm_100a; the one-program kernels' small tiles may take HMMA on sm_90a) for 16-bit,
+  TF32 and 3xTF32 inputs, fp32 included (IEEE fp32, which a user must ask for, runs on the FMA units);
 - shared memory within the arch's per-block limit, and at least one block of every compilation fits an SM.
 And the capture itself: the launches it records are those the launchers must make (3xTF32 for fp32 under
 torch's default, TF32 where allowed, a learnable temperature's dL/dt and device flag).
@@ -23,7 +23,7 @@ import sys
 
 import pytest
 
-from bench.compile_report import DOT_KERNELS, rows
+from bench.compile_report import DOT_KERNELS, has_tensor_cores, rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TENSOR_CORES = ("16-bit", "tf32", "tf32x3")  # input precisions whose dots must run on tensor cores
@@ -81,7 +81,7 @@ def test_dots_run_on_tensor_cores(report):
     dots = [r for r in report["rows"] if r["ok"] and r["job"]["kernel"] in DOT_KERNELS
             and r["job"]["precision"] in TENSOR_CORES]
     assert dots
-    missing = [_where(r) for r in dots if not any(op.startswith(MMA[r["job"]["arch"]]) for op in r["mma"])]
+    missing = [_where(r) for r in dots if not has_tensor_cores(r, MMA[r["job"]["arch"]])]
     assert not missing, "dot kernels without tensor-core instructions:\n" + "\n".join(missing)
     ieee = [r for r in report["rows"] if r["ok"] and r["job"]["precision"] == "ieee"]
     assert ieee and all(not r["mma"] for r in ieee), "IEEE fp32 should use FMA units only (the check's own sanity)"

@@ -155,3 +155,21 @@ def test_small_path_invalid_parameter_tensor_gives_nan(objective, name, bad, tri
     params = {name: torch.tensor([value, bad, value], device=device_for("triton"))}
     loss, stats = LOSSES[objective](*zs, backend="triton", return_stats=True, **params)
     assert torch.isnan(loss) and torch.isnan(stats["pair_losses"]).all()
+
+
+def test_small_path_rows_follow_the_compile_report(triton_only):
+    """The one program holds 64 rows except where the compile report found it spilling: IEEE fp32, and GPUs
+    before Hopper (32 rows there)."""
+    from fastpair.kernels import small
+
+    assert small.max_block(80) == small.max_block(89) == 32 and small.max_block(90) == small.max_block(100) == 64
+    z = torch.zeros(64, 8)
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        assert small.max_rows(z) == 32 and small.max_rows(z.half()) == 64
+        matmul.fp32_precision = "none"
+        assert small.max_rows(z) == 64
+    finally:
+        matmul.fp32_precision = before
