@@ -317,7 +317,7 @@ def arguments(call: Call, zs, needs: Needs) -> tuple[dict, Outputs]:
 def _forward_chunk(block_n: int, d: int, elem: int) -> int:
     """The logits' D chunk: 64 columns while the two operand tiles are small (BLOCK_N x elem < 128 bytes a row),
     32 below 256 bytes (fp32 at N = 32, 16-bit at N = 64), else 16 (fp32 at N = 64), so that sm_90 compiles
-    the kernels without spills (bench/results/compile-*.md)."""
+    the kernels without spills (held by tests/test_compile_budgets.py)."""
     if block_n * elem >= 256:
         return 16
     return 32 if d <= 32 or block_n * elem >= 128 else 64
