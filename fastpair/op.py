@@ -39,7 +39,7 @@ TABLE = {
     ("sigmoid", "torch"): "fastpair._torch_sigmoid:sigmoid_op",
     ("sigmoid", "triton"): "fastpair.kernels.sigmoid:sigmoid_op",
     ("gram", "torch"): "fastpair._torch_gram:gram_op",
-    ("gram", "triton"): "fastpair.kernels.gram_ops:gram_op",
+    ("gram", "triton"): "fastpair.kernels.gram:gram_op",
 }
 _LOADED: dict[str, Callable] = {}
 

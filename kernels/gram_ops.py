@@ -1,4 +1,4 @@
-"""The Triton backend of gram_nce: the host side of kernels/gram.py, as an autograd Function.
+"""GRAM's tiled Triton path: the host side of kernels/gram_jit.py, as an autograd Function (the op: gram.py).
 
 The embeddings are normalized by PyTorch (F.normalize, with autograd) and handed over as unit vectors; the
 Function computes the per-column det C_j and adj(C_j) (fastpair.volumes), launches the forward sweep in both
@@ -24,13 +24,12 @@ from fastpair import distributed, epilogue
 from fastpair._torch_gram import direction_hits
 from fastpair.call import Call, gram_directions
 from fastpair.numerics import LN2
-from fastpair.op import through_autograd
 from fastpair.tables import constant
 from fastpair.targets import Groups, group_labels, top1_hits
 from fastpair.volumes import column_grad, det_adj, gram, pairs_of
 
 from . import launch, tuning
-from .gram import gram_fwd_kernel, gram_grad_kernel
+from .gram_jit import gram_fwd_kernel, gram_grad_kernel
 
 # (BLOCK_M, BLOCK_N) per kernel: 64 anchor rows (the least for Hopper's wgmma and Blackwell's tcgen05) by 32
 # columns, 4 warps, 3 stages: spill-free on sm_80, sm_90a and sm_100a for k <= 3 at every precision
@@ -215,7 +214,3 @@ def _backward(ctx, grad_loss):
         dtype, t_device, shape = ctx.t_meta
         grad_t = (wv * s.scale[0] ** 2).to(dtype=dtype, device=t_device).reshape(shape)
     return (None, grad_t, grad_a.to(ctx.in_dtype), *(g.to(ctx.in_dtype) for g in grad_o))
-
-
-
-gram_op = through_autograd(gram_nce_triton)

@@ -34,9 +34,7 @@ def nce_small_kernel(
 ):
     NUM_P: tl.constexpr = len(PAIRS)
     offs_n = tl.arange(0, BLOCK_N)
-    keys = offs_n  # positives: the same key (a sample's own index, or its id)
-    if HAS_IDS:
-        keys = tl.load(ids_ptr + offs_n * stride_idsn, mask=offs_n < N, other=-1)
+    keys = small.sample_keys(ids_ptr, stride_idsn, offs_n, N, HAS_IDS)
     ok = small.parameter_ok(t_ptr, T_FROM_PTR, 1 if T_SHARED else NUM_P, True)
     numerator = 0.0
     total = 0.0
@@ -58,7 +56,7 @@ def nce_small_kernel(
         small.parameter_grads(scratch_ptr, dt_ptr, total, 1, -1.0, NUM_P, NUM_M, BLOCK_N, T_SHARED)
     if NEEDS_DZ:
         small.embedding_grads(zs, stride_zn, stride_zd, dz_ptr, stride_dzm, stride_dzn, scratch_ptr, total, offs_n,
-                              N, D, PAIRS, NUM_M, NORMALIZE, BLOCK_N, BLOCK_DG, GRAD_PRECISION)
+                              N, D, PAIRS, NUM_M, NORMALIZE, False, BLOCK_N, BLOCK_DG, GRAD_PRECISION)
 
 
 @triton.jit

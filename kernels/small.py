@@ -14,12 +14,15 @@ the logits and the gradient G = dL/dS it leaves; what is shared lives here:
 - `parameter_grads`: dL/dt_k = -(c_k / total) sum G S / t_k, dL/db_k = (c_k / total) sum G (summed over pairs
   for a shared parameter);
 - `embedding_grads`: dx_i = sum_k (c_k / total) sum_j (G_ij / t_k) y_j, and with normalization
-  dz_i = r_i (dx_i - x_i <x_i, dx_i>), <x_i, dx_i> summed over D in a pass of its own;
+  dz_i = r_i (dx_i - x_i <x_i, dx_i>), <x_i, dx_i> summed over D in a pass of its own; with MIX (GRAM, whose
+  pairs share their first side and whose second sides meet in each sample's Gram matrix) a per-sample mix of
+  the second sides too, from P x P coefficient vectors after the three words per pair;
 - on the host, `arguments` and `result`: the launch's shared keyword arguments and the op's Result.
 
 G is stored in fp32, so no 16-bit gradient panel can flush to zero, and no atomics are used: the result is
 the same bits every run. Numeric temperatures, biases and weights are kernel arguments (no device table,
 nothing a CUDA graph could lose); a parameter tensor is read through a pointer and checked in the kernel.
+The objectives' kernels: infonce_small.py, sigmoid_small.py, gram_small.py.
 """
 
 from __future__ import annotations
@@ -136,6 +139,15 @@ def parameter_value(ptr, values, k: tl.constexpr, FROM_PTR: tl.constexpr, SHARED
 
 
 @triton.jit
+def sample_keys(ids_ptr, stride_idsn, offs_n, N, HAS_IDS: tl.constexpr):
+    """Positives share a key: a sample's own index, or its id."""
+    keys = offs_n
+    if HAS_IDS:
+        keys = tl.load(ids_ptr + offs_n * stride_idsn, mask=offs_n < N, other=-1)
+    return keys
+
+
+@triton.jit
 def hit_rate(s_masked, same, offs_n, valid, axis: tl.constexpr, BLOCK_N: tl.constexpr):
     """The share of valid rows (axis 1) or columns (axis 0) whose first argmax is a positive."""
     best = tl.max(s_masked, axis=axis)
@@ -158,15 +170,32 @@ def store_pair_grad(scratch_ptr, k: tl.constexpr, g, s, scale, coef, rp, rq, p: 
     """Pair k's share of the scratch (see the module's docstring): G / t, the inverse norms, c_k total,
     sum G S / t and sum G."""
     c_base = scratch_ptr + NUM_P * BLOCK_N * BLOCK_N + NUM_M * BLOCK_N
-    tl.store(c_base + k, coef)
     tl.store(c_base + NUM_P + k, tl.sum(tl.sum(g * s, axis=1)) * scale)
     tl.store(c_base + 2 * NUM_P + k, tl.sum(tl.sum(g, axis=1)))
+    store_coef(scratch_ptr, k, coef, NUM_P, NUM_M, BLOCK_N)
     if NEEDS_DZ:
-        tile = offs_n[:, None] * BLOCK_N + offs_n[None, :]
-        tl.store(scratch_ptr + k * BLOCK_N * BLOCK_N + tile, g * scale)
-        r_base = scratch_ptr + NUM_P * BLOCK_N * BLOCK_N
-        tl.store(r_base + p * BLOCK_N + offs_n, rp)
-        tl.store(r_base + q * BLOCK_N + offs_n, rq)
+        store_grad_tile(scratch_ptr, k, g * scale, offs_n, BLOCK_N)
+        store_inverse_norms(scratch_ptr, p, rp, offs_n, NUM_P, BLOCK_N)
+        store_inverse_norms(scratch_ptr, q, rq, offs_n, NUM_P, BLOCK_N)
+
+
+@triton.jit
+def store_grad_tile(scratch_ptr, k: tl.constexpr, g_over_t, offs_n, BLOCK_N: tl.constexpr):
+    """Pair k's G / t_k (BLOCK_N x BLOCK_N) into the scratch."""
+    tl.store(scratch_ptr + k * BLOCK_N * BLOCK_N + offs_n[:, None] * BLOCK_N + offs_n[None, :], g_over_t)
+
+
+@triton.jit
+def store_inverse_norms(scratch_ptr, m: tl.constexpr, r, offs_n, NUM_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Modality m's inverse norms into the scratch (after the P tiles)."""
+    tl.store(scratch_ptr + NUM_P * BLOCK_N * BLOCK_N + m * BLOCK_N + offs_n, r)
+
+
+@triton.jit
+def store_coef(scratch_ptr, k: tl.constexpr, coef, NUM_P: tl.constexpr, NUM_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Pair k's c_k total (the embeddings' gradient reads G_k / t_k times c_k total / total)."""
+    tl.store(scratch_ptr + NUM_P * BLOCK_N * BLOCK_N + NUM_M * BLOCK_N + k, coef)
 
 
 @triton.jit
@@ -188,10 +217,11 @@ def parameter_grads(scratch_ptr, out_ptr, total, WHICH: tl.constexpr, SIGN: tl.c
 
 @triton.jit
 def embedding_grads(zs, stride_zn, stride_zd, dz_ptr, stride_dzm, stride_dzn, scratch_ptr, total, offs_n, N, D,
-                    PAIRS: tl.constexpr, NUM_M: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                    PAIRS: tl.constexpr, NUM_M: tl.constexpr, NORMALIZE: tl.constexpr, MIX: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """dL/dz_m for every modality. With normalization, <x_i, dx_i> is summed over D first (one pass), as the
-    torch backend does: taken from the same dx, so that dz vanishes exactly where it should (D = 1)."""
+    torch backend does: taken from the same dx, so that dz vanishes exactly where it should (D = 1). MIX: the
+    pairs' second sides also mix per sample (GRAM's column term, see `_mix_term`)."""
     NUM_P: tl.constexpr = len(PAIRS)
     r_base = scratch_ptr + NUM_P * BLOCK_N * BLOCK_N
     offs_d = tl.arange(0, BLOCK_D)
@@ -202,12 +232,12 @@ def embedding_grads(zs, stride_zn, stride_zd, dz_ptr, stride_dzm, stride_dzn, sc
         if NORMALIZE:
             for d0 in range(0, D, BLOCK_D):
                 dx, x = _dx_chunk(zs, stride_zn, stride_zd, scratch_ptr, total, r_m, offs_n, d0 + offs_d, N, D, m,
-                                  PAIRS, NUM_M, BLOCK_N, INPUT_PRECISION)
+                                  PAIRS, NUM_M, MIX, BLOCK_N, INPUT_PRECISION)
                 dot += tl.sum(x * dx, axis=1)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
             dx, x = _dx_chunk(zs, stride_zn, stride_zd, scratch_ptr, total, r_m, offs_n, dd, N, D, m, PAIRS, NUM_M,
-                              BLOCK_N, INPUT_PRECISION)
+                              MIX, BLOCK_N, INPUT_PRECISION)
             if NORMALIZE:
                 dx = r_m[:, None] * (dx - x * dot[:, None])
             out = dz_ptr + m * stride_dzm + rows * stride_dzn + dd[None, :]
@@ -216,7 +246,8 @@ def embedding_grads(zs, stride_zn, stride_zd, dz_ptr, stride_dzm, stride_dzn, sc
 
 @triton.jit
 def _dx_chunk(zs, stride_zn, stride_zd, scratch_ptr, total, r_m, offs_n, dd, N, D, m: tl.constexpr,
-              PAIRS: tl.constexpr, NUM_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+              PAIRS: tl.constexpr, NUM_M: tl.constexpr, MIX: tl.constexpr, BLOCK_N: tl.constexpr,
+              INPUT_PRECISION: tl.constexpr):
     """(dL/dx_m, x_m) on columns dd: every pair's c_k G / t_k against the other side's unit vectors."""
     NUM_P: tl.constexpr = len(PAIRS)
     rows = offs_n.to(tl.int64)[:, None]
@@ -229,6 +260,8 @@ def _dx_chunk(zs, stride_zn, stride_zd, scratch_ptr, total, r_m, offs_n, dd, N, 
         elif PAIRS[k][1] == m:
             dx = _dx_term(dx, zs, stride_zn, stride_zd, scratch_ptr, total, offs_n, dd, N, D, k, PAIRS[k][0], True,
                           NUM_P, NUM_M, BLOCK_N, INPUT_PRECISION)
+            if MIX:
+                dx = _mix_term(dx, zs, stride_zn, stride_zd, scratch_ptr, offs_n, dd, N, D, k, PAIRS, NUM_M, BLOCK_N)
     own = tl.load(zs[m] + rows * stride_zn[m] + dd[None, :] * stride_zd[m], mask=inside, other=0.0)
     return dx, own.to(tl.float32) * r_m[:, None]
 
@@ -249,6 +282,31 @@ def _dx_term(dx, zs, stride_zn, stride_zd, scratch_ptr, total, offs_n, dd, N, D,
     if TRANSPOSED:
         g = tl.trans(g)
     return tl.dot(g, y, dx, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _mix_term(dx, zs, stride_zn, stride_zd, scratch_ptr, offs_n, dd, N, D, k: tl.constexpr, PAIRS: tl.constexpr,
+              NUM_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dx + sum_l mix[k, l] * (pair l's second side's unit vectors), per sample: mix (P, P, BLOCK_N) after the
+    three words per pair. GRAM's dL/dX_j = (dC_j + dC_j^T) X_j, X_j the second sides of sample j."""
+    NUM_P: tl.constexpr = len(PAIRS)
+    for l in tl.static_range(NUM_P):  # (pairs by index, as in _dx_chunk)
+        dx = _mixed(dx, zs, stride_zn, stride_zd, scratch_ptr, offs_n, dd, N, D, k * NUM_P + l, PAIRS[l][1], NUM_P,
+                    NUM_M, BLOCK_N)
+    return dx
+
+
+@triton.jit
+def _mixed(dx, zs, stride_zn, stride_zd, scratch_ptr, offs_n, dd, N, D, entry: tl.constexpr, o: tl.constexpr,
+           NUM_P: tl.constexpr, NUM_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dx + mix[entry] * modality o's unit vectors on columns dd."""
+    r_base = scratch_ptr + NUM_P * BLOCK_N * BLOCK_N
+    mix_base = r_base + NUM_M * BLOCK_N + 3 * NUM_P
+    rows = offs_n.to(tl.int64)[:, None]
+    inside = (offs_n[:, None] < N) & (dd[None, :] < D)
+    coef = tl.load(mix_base + entry * BLOCK_N + offs_n) * tl.load(r_base + o * BLOCK_N + offs_n)
+    other = tl.load(zs[o] + rows * stride_zn[o] + dd[None, :] * stride_zd[o], mask=inside, other=0.0)
+    return dx + coef[:, None] * other.to(tl.float32)
 
 
 # --- the host side -------------------------------------------------------------------------------------------
@@ -273,8 +331,10 @@ def _parameter(prefix: str, parameter: PerPair | None, numbers, placeholder) -> 
             f"{prefix.upper()}_FROM_PTR": from_ptr, f"{prefix.upper()}_SHARED": from_ptr and tensor.numel() == 1}
 
 
-def arguments(call: Call, zs, needs: Needs) -> tuple[dict, Outputs]:
-    """The keyword arguments every small-batch kernel takes, and the outputs they point at."""
+def arguments(call: Call, zs, needs: Needs, stats: tuple[tuple, tuple] | None = None,
+              mix: bool = False) -> tuple[dict, Outputs]:
+    """The keyword arguments every small-batch kernel takes, and the outputs they point at. stats: the shapes of
+    the two statistics ((P,), (P, 2) by default); mix: room in the scratch for `_mix_term`'s coefficients."""
     z = zs[0]
     n, d = z.shape
     num_m, num_p = len(zs), len(call.pairs)
@@ -286,11 +346,12 @@ def arguments(call: Call, zs, needs: Needs) -> tuple[dict, Outputs]:
     t, b = call.temperature, call.bias
     needs_dt = needs.temperature and t.values is None
     needs_db = needs.bias and b is not None and b.values is None
-    out = Outputs(loss=loss, pair_losses=torch.empty(num_p, **f32), accuracy=torch.empty(num_p, 2, **f32),
+    stats = stats or ((num_p,), (num_p, 2))
+    out = Outputs(loss=loss, pair_losses=torch.empty(stats[0], **f32), accuracy=torch.empty(stats[1], **f32),
                   dz=torch.empty((num_m, n, d), dtype=zs[0].dtype, device=z.device) if needs.z else loss,
                   dt=torch.empty(t.tensor.shape, **f32) if needs_dt else loss,
                   db=torch.empty(b.tensor.shape, **f32) if needs_db else loss)
-    words = num_p * block_n * block_n + num_m * block_n + 3 * num_p
+    words = num_p * block_n * block_n + num_m * block_n + 3 * num_p + (num_p * num_p * block_n if mix else 0)
     precision = input_precision(z.dtype)  # the gradient's dots take fp32 G: 3xTF32 unless fp32 asked for IEEE
     mask, ids = call.mask, call.ids
     args = dict(

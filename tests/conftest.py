@@ -33,7 +33,7 @@ def triton_only():
 
 @pytest.fixture
 def tiled(monkeypatch):
-    """The Triton InfoNCE and sigmoid calls take the tiled kernels at every N (kernels/small.py: N <= 64 takes one
+    """The Triton calls of every objective take the tiled kernels at every N (kernels/small.py: N <= 64 takes one
     program otherwise): for the tests of the sweep, the panels and their bounds at interpreter-sized batches."""
     if triton_runs():
         from fastpair.kernels import small

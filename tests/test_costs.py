@@ -1,12 +1,13 @@
 """Cost budgets (docs/design.md): one forward + backward of M = 3 modalities, counted by tests/costs.py, held
 to written budgets, so that a host-overhead or memory regression fails here instead of on the next GPU.
 
-- Triton launches, exactly: InfoNCE and sigmoid at N <= 64 one (kernels/small.py); otherwise 1 forward, 1 per pair
-  and row panel of the backward, 1 input gradient.
+- Triton launches, exactly: every objective at N <= 64 one (kernels/small.py); otherwise 1 forward, 1 per pair
+  and row panel of the backward, 1 input gradient (GRAM: 2 forward, 1 per row panel).
 - Other tensor ops, and of them those that compute (kernels on a GPU): at most the counts measured when the
   budget was written plus about 10%.
 - The small-batch step (docs/design.md): PairwiseNCE with a learnable temperature at N = 64, D = 512 on the
-  Triton path, at most 20 kernels in all (launches and computing ops, the module's and autograd's included).
+  Triton path, at most 20 kernels in all (launches and computing ops, the module's and autograd's included);
+  PairwiseSigmoid and GramNCE at most 1.2x InfoNCE's.
 - Host reads of tensor values (a device sync on a GPU): none on the Triton backend, with numbers or with
   tensors for the temperature and the bias; the torch backend, the CPU path, reads a parameter tensor's
   values once (free on a CPU: it picks the exact variant and checks them).
@@ -44,13 +45,14 @@ OPS = {
     # GRAM: per row block k tiles, the volumes and their gradient's elementwise passes
     ("gram", "torch", 64, "numbers"): (440, 250), ("gram", "torch", 64, "tensors"): (455, 257),
     ("gram", "torch", 2048, "numbers"): (1600, 860), ("gram", "torch", 2048, "tensors"): (1640, 890),
-    # GRAM's Triton path: the per-column matrices, the epilogue and the backward's GEMMs are PyTorch ops
-    ("gram", "triton", 64, "numbers"): (307, 177), ("gram", "triton", 64, "tensors"): (315, 180),
+    # GRAM's Triton path: one program at N <= 64; above, the per-column matrices, the epilogue and the
+    # backward's GEMMs are PyTorch ops
+    ("gram", "triton", 64, "numbers"): (14, 3), ("gram", "triton", 64, "tensors"): (19, 4),
     ("gram", "triton", 128, "numbers"): (340, 192), ("gram", "triton", 128, "tensors"): (350, 196),
 }
 LOSSES = {"nce": pairwise_nce, "sigmoid": pairwise_sigmoid, "gram": gram_nce}
 MODULES = {"nce": PairwiseNCE, "sigmoid": PairwiseSigmoid, "gram": GramNCE}
-SMALL = ("nce", "sigmoid")  # the objectives with a one-program path at N <= 64 (kernels/small.py)
+SMALL = ("nce", "sigmoid", "gram")  # the objectives with a one-program path at N <= 64 (kernels/small.py)
 PANEL_ROWS = {64: None, 128: 32}  # the Triton backward's rows per panel (None: one panel per pair)
 
 
@@ -97,7 +99,10 @@ def _extra_budget(backend, n, elem, objective="nce"):
     W (rows x N, input dtype), and O(N) statistics (28 to 36 fp32 vectors of N measured; 48 allowed); since the
     gradients are computed in the forward (fastpair/op.py), the op's gradients and their scaled copies coexist for
     a moment: one more M N D in the input dtype. N <= 64 (one program): that copy, G for every pair
-    (P x 64 x 64 fp32 at most) and O(N) vectors."""
+    (P x 64 x 64 fp32 at most) and O(N) vectors; GRAM's k tiles, the k x k mix coefficients, and its stage of
+    the k similarity tiles and U ((k + 1) x 64 x 64 fp32)."""
+    if objective == "gram" and backend == "triton" and n <= 64:
+        return M * n * D * elem + (2 * (M - 1) + 1) * 64 * 64 * 4 + (M - 1) ** 2 * 64 * 4 + 48 * n * 4
     if objective in SMALL and backend == "triton" and n <= 64:
         return M * n * D * elem + P * 64 * 64 * 4 + 48 * n * 4
     if objective == "gram" and backend == "torch":
@@ -132,10 +137,10 @@ def test_costs_within_budget(objective, backend, n, parameters, monkeypatch):
     costs, _ = measure(step)
     if backend == "torch":
         launches = 0
-    elif objective == "gram":  # both forward directions, one gradient launch per row panel
-        launches = 2 + -(-n // _gram_panel(n))
     elif objective in SMALL and n <= small.MAX_N:  # loss, statistics and gradients in one program
         launches = 1
+    elif objective == "gram":  # both forward directions, one gradient launch per row panel
+        launches = 2 + -(-n // _gram_panel(n))
     else:
         launches = 1 + P * -(-n // _panel_height(n, zs[0].element_size())) + 1
     assert costs.launches == launches, costs
@@ -193,6 +198,13 @@ def test_small_batch_sigmoid_step_within_1_2x_of_infonce(triton_only):
     nce, sigmoid = _module_step_costs("nce"), _module_step_costs("sigmoid")
     assert sigmoid.launches == 1 and not sigmoid.reads, sigmoid
     assert sigmoid.launches + sigmoid.kernels <= 1.2 * (nce.launches + nce.kernels), (sigmoid, nce)
+
+
+def test_small_batch_gram_step_within_1_2x_of_infonce(triton_only):
+    """GRAM's small-batch step (one program: kernels/gram_small.py) costs at most 1.2x InfoNCE's kernels."""
+    nce, gram = _module_step_costs("nce"), _module_step_costs("gram")
+    assert gram.launches == 1 and not gram.reads, gram
+    assert gram.launches + gram.kernels <= 1.2 * (nce.launches + nce.kernels), (gram, nce)
 
 
 # The counter itself: each kind of cost it claims to see, seen.

@@ -75,14 +75,25 @@ def test_matches_the_materialized_formula(case, m):
     _check(zs, _kwargs(case, m, n), block_size=5, learnable=True)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("m", [2, 3, 4])
-def test_triton_kernels_match_the_materialized_formula(case, m):
-    """The Triton kernels (k = 1, 2, 3) in float32, every case, a learnable t: to float32's rounding, with
-    N spanning two tiles and a partial one (the interpreter on CPU, or a GPU)."""
+def _path(path: str, monkeypatch):
+    """"small": the one-program kernel (kernels/gram_small.py) where N allows; "tiled": the tiled kernels."""
     if not triton_runs():
         pytest.skip("Triton is not available here")
-    n = 70 if torch.cuda.is_available() else 33
+    if path == "tiled":
+        from fastpair.kernels import small
+
+        monkeypatch.setattr(small, "MAX_N", 0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("m", [2, 3, 4])
+@pytest.mark.parametrize("path", ["small", "tiled"])
+def test_triton_kernels_match_the_materialized_formula(case, m, path, monkeypatch):
+    """The Triton kernels (k = 1, 2, 3) in float32, every case, a learnable t: to float32's rounding; the tiled
+    kernels with N spanning two tiles and a partial one (the interpreter on CPU, or a GPU), the one program
+    (its closed-form adjugates and dL/dC_j) at N = 30 (padded to 32 rows)."""
+    _path(path, monkeypatch)
+    n = 30 if path == "small" else 70 if torch.cuda.is_available() else 33
     zs = make_embeddings(m, n, 20, seed=30 + m, dtype=torch.float64)
     _check([z.float() for z in zs], _kwargs(case, m, n), dtype=torch.float32, learnable=True, backend="triton")
 
@@ -100,11 +111,11 @@ def test_triton_backward_in_several_panels(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_kernels_in_16_bit(dtype):
-    """16-bit inputs: unit vectors rounded to 16 bits, fp32 accumulation and volumes, the gradient panels in
-    the inputs' dtype: the loss and the gradients to 16-bit rounding (2^-8 relative, amplified by 1/t)."""
-    if not triton_runs():
-        pytest.skip("Triton is not available here")
+@pytest.mark.parametrize("path", ["small", "tiled"])
+def test_triton_kernels_in_16_bit(dtype, path, monkeypatch):
+    """16-bit inputs: 16-bit operands, fp32 accumulation and volumes, the gradients in the inputs' dtype: the
+    loss and the gradients to 16-bit rounding (2^-8 relative, amplified by 1/t)."""
+    _path(path, monkeypatch)
     device = device_for("triton")
     zs = [z.to(dtype) for z in make_embeddings(3, 40, 24, seed=50, requires_grad=False)]
     leaves = [z.clone().to(device).requires_grad_() for z in zs]

@@ -86,7 +86,8 @@ CASES = [{}, {"mask": True}, {"ids": "labels", "label_smoothing": 0.1}, {"normal
          {"pairs": [(0, 1), (2, 0)]}, {"weights": [1.0, 0.0, 2.0]}]
 
 
-SMALL = ["nce", "sigmoid"]  # the objectives with a one-program path
+SMALL = ["nce", "sigmoid", "gram"]  # the objectives with a one-program path
+GRAM_CASES = CASES[:3]  # GRAM has no pair weights or topologies and always normalizes
 
 
 def _learnable(objective, temperature, device):
@@ -97,11 +98,18 @@ def _learnable(objective, temperature, device):
     return params
 
 
-@pytest.mark.parametrize("objective", SMALL)
-@pytest.mark.parametrize("case", CASES, ids=[str(sorted(c)) or "plain" for c in CASES])
+def _small_cases():
+    """(objective, case) of every call the one-program paths are compared with the tiled kernels on."""
+    cases = [(o, c) for o in ("nce", "sigmoid") for c in CASES]
+    return cases + [("gram", c) for c in GRAM_CASES]
+
+
+@pytest.mark.parametrize("objective,case", _small_cases(),
+                         ids=[f"{o}-{str(sorted(c)) or 'plain'}" for o, c in _small_cases()])
 @pytest.mark.parametrize("learnable", [False, True])
 def test_small_path_matches_the_tiled_kernels(objective, case, learnable, monkeypatch, triton_only):
-    """The one-program path and the tiled kernels give the same loss, gradients and statistics."""
+    """The one-program path and the tiled kernels give the same loss, gradients and statistics (GRAM's against
+    the float64 formula at every k and case: tests/test_gram.py)."""
     from fastpair.kernels import small
 
     n = 24
@@ -109,6 +117,8 @@ def test_small_path_matches_the_tiled_kernels(objective, case, learnable, monkey
     if objective == "sigmoid":
         kw.pop("label_smoothing", None)
     zs, temperature = case_inputs(kw, n, seed=7)
+    if objective == "gram":
+        temperature = 0.1
     zs = on(zs, "triton")
     kw = {k: v.to(zs[0].device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     outputs = []
@@ -118,7 +128,7 @@ def test_small_path_matches_the_tiled_kernels(objective, case, learnable, monkey
         params = _learnable(objective, temperature, zs[0].device) if learnable else {"temperature": temperature}
         loss, stats = LOSSES[objective](*leaves, backend="triton", return_stats=True, **params, **kw)
         loss.backward()
-        outputs.append([loss, stats["pair_losses"], stats["pair_accuracy"], *(z.grad for z in leaves)]
+        outputs.append([loss, *(stats[k] for k in sorted(stats)), *(z.grad for z in leaves)]
                        + [p.grad for p in params.values() if isinstance(p, torch.Tensor)])
     for a, b in zip(*outputs):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
@@ -144,17 +154,31 @@ def test_small_path_is_one_launch_and_the_same_bits_every_run(objective, triton_
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("m,n,launches", [(3, 64, 1), (4, 32, 1), (4, 33, 3)])
+def test_gram_small_path_rows(m, n, launches, triton_only):
+    """GRAM's one program takes N <= 64, and N <= 32 for k = 3 (kernels/gram_small.MAX_N_K3: at 64 rows it spills
+    on sm_100a); above, the tiled kernels (two sweeps and one gradient panel here)."""
+    from costs import measure
+
+    zs = on(make_embeddings(m, n, 8, seed=9), "triton")
+    costs, _ = measure(lambda: gram_nce(*zs, backend="triton").backward())
+    assert costs.launches == launches, costs
+
+
 BAD_PARAMETERS = [("nce", "temperature", v) for v in (-0.1, 0.0, float("inf"), float("nan"))] + [
-    ("sigmoid", "temperature", 0.0), ("sigmoid", "bias", float("inf")), ("sigmoid", "bias", float("nan"))]
+    ("sigmoid", "temperature", 0.0), ("sigmoid", "bias", float("inf")), ("sigmoid", "bias", float("nan")),
+    ("gram", "temperature", -0.1), ("gram", "temperature", float("nan"))]
 
 
 @pytest.mark.parametrize("objective,name,bad", BAD_PARAMETERS)
 def test_small_path_invalid_parameter_tensor_gives_nan(objective, name, bad, triton_only):
     zs = on(make_embeddings(3, 16, 8, seed=24), "triton")
     value = {"temperature": 0.1, "bias": -1.0}[name]
-    params = {name: torch.tensor([value, bad, value], device=device_for("triton"))}
+    values = [bad] if objective == "gram" else [value, bad, value]  # GRAM: one temperature
+    params = {name: torch.tensor(values, device=device_for("triton"))}
     loss, stats = LOSSES[objective](*zs, backend="triton", return_stats=True, **params)
-    assert torch.isnan(loss) and torch.isnan(stats["pair_losses"]).all()
+    losses = stats["direction_losses" if objective == "gram" else "pair_losses"]
+    assert torch.isnan(loss) and torch.isnan(losses).all()
 
 
 def test_small_path_rows_follow_the_compile_report(triton_only):
