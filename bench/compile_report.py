@@ -7,11 +7,9 @@ import statistics
 
 PRECISIONS = ("16-bit", "tf32", "tf32x3", "ieee")
 TENSOR_CORES = ("16-bit", "tf32", "tf32x3")  # dots on tensor cores; "ieee" (asked for) runs on FMA units
-DOT_KERNELS = ("fwd_kernel", "grad_panel_kernel", "gram_fwd_kernel", "gram_grad_kernel", "nce_small_kernel",
-               "sigmoid_small_kernel")  # those with a tl.dot
-
-
-SMALL_TILE_KERNELS = ("nce_small_kernel", "sigmoid_small_kernel")  # one program, N <= 64 rows
+SMALL_TILE_KERNELS = ("nce_small_kernel", "sigmoid_small_kernel", "gram_small_kernel")  # one program, N <= 64
+DOT_KERNELS = ("fwd_kernel", "grad_panel_kernel", "gram_fwd_kernel", "gram_grad_kernel",
+               *SMALL_TILE_KERNELS)  # those with a tl.dot
 
 
 def has_tensor_cores(r: dict, prefix: str) -> bool:

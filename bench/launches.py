@@ -1,8 +1,9 @@
 """The Triton launches fastpair's host code makes, captured on a machine without a GPU (for bench/compile.py).
 
 `capture(case)` runs one forward and backward of the public function on small CPU tensors with the kernels (the
-three pairwise ones, and GRAM's two) replaced by recorders: a launch is recorded (kernel, argument types and
-alignments, constexprs) and its outputs zero-filled instead of computed. The host logic is the real one: the
+three tiled pairwise ones, GRAM's two, and the one-program kernels of every objective) replaced by recorders: a
+launch is recorded (kernel, argument types and alignments, constexprs) and its outputs zero-filled instead of
+computed. The host logic is the real one: the
 launchers pick the dtypes, flags (HAS_MASK, BOUNDED, STATS, NEEDS_DT, ...), the input precision and, for the
 untuned kernels (the input gradient, GRAM's), the tiles, exactly as they do on a GPU. What a capture cannot see,
 the autotuner's choice, is enumerated in `configs`: the candidates the autotuner's pruning leaves for an
@@ -20,7 +21,7 @@ from unittest import mock
 
 import fastpair.kernels
 import torch
-from fastpair.kernels import gram, gram_ops, infonce_small, jit, launch, sigmoid_small, small, tuning
+from fastpair.kernels import gram_jit, gram_ops, gram_small, infonce_small, jit, launch, sigmoid_small, small, tuning
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
@@ -38,9 +39,11 @@ OUTPUTS = {  # what a recorder zero-fills, so that the host code after a launch 
     "gram_grad_kernel": ("g_ptr", "part_ptr", "wv_ptr"),
     "nce_small_kernel": ("loss_ptr", "pair_loss_ptr", "acc_ptr", "dz_ptr", "dt_ptr"),
     "sigmoid_small_kernel": ("loss_ptr", "pair_loss_ptr", "acc_ptr", "dz_ptr", "dt_ptr", "db_ptr"),
+    "gram_small_kernel": ("loss_ptr", "pair_loss_ptr", "acc_ptr", "dz_ptr", "dt_ptr"),
 }
-SMALL_KERNELS = {"nce_small_kernel": infonce_small, "sigmoid_small_kernel": sigmoid_small}  # name -> its module
-KERNELS = {name: getattr(jit, name, None) or getattr(gram, name, None) or getattr(SMALL_KERNELS.get(name), name)
+SMALL_KERNELS = {"nce_small_kernel": infonce_small, "sigmoid_small_kernel": sigmoid_small,
+                 "gram_small_kernel": gram_small}  # name -> its module
+KERNELS = {name: getattr(jit, name, None) or getattr(gram_jit, name, None) or getattr(SMALL_KERNELS.get(name), name)
            for name in OUTPUTS}  # by name
 
 
@@ -95,12 +98,13 @@ def grid() -> list[Case]:
 
 
 def small_grid() -> list[Case]:
-    """The one-program kernels' calls (nce and sigmoid at N <= 64): every BLOCK_N and input precision, each
-    plain (numbers) and with the most work (a learned temperature and bias, a mask, ids)."""
+    """The one-program kernels' calls (N <= 64): every objective (GRAM at every k), BLOCK_N and input precision,
+    each plain (numbers) and with the most work (a learned temperature and bias, a mask, ids)."""
     precisions = [("bfloat16", "none"), ("float16", "none"), ("float32", "none"), ("float32", "tf32"),
                   ("float32", "ieee")]
-    return [Case(objective=objective, dtype=dtype, fp32=fp32, n=n, **flags)
-            for objective in GRID["objective"] for n in (16, 32, small.MAX_N) for dtype, fp32 in precisions
+    calls = [(objective, 3) for objective in GRID["objective"]] + [("gram", m) for m in (2, 3, 4)]
+    return [Case(objective=objective, m=m, dtype=dtype, fp32=fp32, n=n, **flags)
+            for objective, m in calls for n in (16, 32, small.MAX_N) for dtype, fp32 in precisions
             for flags in (dict(), dict(temperature="learned", mask=True, ids=True))]
 
 

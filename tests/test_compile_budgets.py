@@ -130,6 +130,11 @@ def _launched(report, case_label: str) -> list[dict]:
     ("gram bfloat16 D=512 t=number mask stats M=2", "gram_fwd_kernel", {"K": 1, "DIRECTION": 0, "HAS_MASK": True,
                                                                          "STATS": True}),
     ("gram bfloat16 D=512 t=number", "gram_grad_kernel", {"K": 2, "IDENTITY": True}),
+    # the one program: GRAM's own D chunks (kernels/gram_small.chunks), k = M - 1 pairs of one anchor
+    ("gram bfloat16 D=512 t=learned mask ids M=4 small N=32", "gram_small_kernel",
+     {"NUM_M": 4, "BLOCK_N": 32, "BLOCK_D": 16, "BLOCK_DG": 8, "NEEDS_DT": True, "HAS_MASK": True, "HAS_IDS": True}),
+    ("gram fp32/none D=512 t=number M=2 small N=64", "gram_small_kernel",
+     {"NUM_M": 2, "BLOCK_N": 64, "BLOCK_D": 16, "INPUT_PRECISION": "tf32x3", "NEEDS_DT": False}),
 ])
 def test_capture_records_what_the_launchers_choose(report, case, kernel, flags):
     """The report compiles what the host code launches: a case's launches carry the flags its options imply."""
