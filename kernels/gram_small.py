@@ -66,8 +66,8 @@ def gram_small_kernel(
     both = valid[:, None] & valid[None, :]
     n = tl.sum(valid.to(tl.float32))
     s_masked = tl.where(both, s, float("-inf"))
-    lse_row = _lse(s_masked, valid, 1)
-    lse_col = _lse(s_masked, valid, 0)
+    lse_row = small.masked_lse(s_masked, valid, 1)
+    lse_col = small.masked_lse(s_masked, valid, 0)
     same = tl.where(both & (keys[:, None] == keys[None, :]), 1.0, 0.0)
     per_row = tl.maximum(tl.sum(same, axis=1), 1.0)  # |P(i)| (= per column: the relation is symmetric)
     targets = (1.0 - eps) * same / per_row[:, None] + tl.where(both, eps / tl.maximum(n, 1.0), 0.0)
@@ -88,7 +88,7 @@ def gram_small_kernel(
             tl.store(dt_ptr, tl.sum(tl.sum(w * vol, axis=1)) * scale * scale)
         if NEEDS_DZ:
             u = tl.where((det_g > 0.0) & both, w * scale / vol, 0.0)  # V' = 1 / 2V, 0 under the clamp
-            tl.store(stage_ptr + K * BLOCK_N * BLOCK_N + _tile(offs_n, BLOCK_N), u)
+            tl.store(stage_ptr + K * BLOCK_N * BLOCK_N + small.tile_offsets(offs_n, BLOCK_N), u)
             tl.debug_barrier()  # the staged tiles are read back by other threads
             _store_grads(scratch_ptr, stage_ptr, a00, a01, a02, a11, a12, a22, offs_n, PAIRS, NUM_M, BLOCK_N)
             _store_mix(scratch_ptr, stage_ptr, c00, c01, c02, c11, c12, c22, a00, a01, a02, a11, a12, a22, offs_n,
@@ -99,21 +99,16 @@ def gram_small_kernel(
 
 
 @triton.jit
-def _tile(offs_n, BLOCK_N: tl.constexpr):
-    return offs_n[:, None] * BLOCK_N + offs_n[None, :]
-
-
-@triton.jit
 def _staged(stage_ptr, slot: tl.constexpr, offs_n, BLOCK_N: tl.constexpr):
     """Staged tile `slot`: s_l for l < k, U at k."""
-    return tl.load(stage_ptr + slot * BLOCK_N * BLOCK_N + _tile(offs_n, BLOCK_N))
+    return tl.load(stage_ptr + slot * BLOCK_N * BLOCK_N + small.tile_offsets(offs_n, BLOCK_N))
 
 
 @triton.jit
 def _stage(scratch_ptr, stage_ptr, s0, s1, s2, ra, r0, r1, r2, offs_n, PAIRS: tl.constexpr, BLOCK_N: tl.constexpr):
     """The similarity tiles into the stage (k, BLOCK_N, BLOCK_N) and the inverse norms into small.py's scratch."""
     K: tl.constexpr = len(PAIRS)
-    tile = _tile(offs_n, BLOCK_N)
+    tile = small.tile_offsets(offs_n, BLOCK_N)
     small.store_inverse_norms(scratch_ptr, PAIRS[0][0], ra, offs_n, K, BLOCK_N)
     tl.store(stage_ptr + tile, s0)
     small.store_inverse_norms(scratch_ptr, PAIRS[0][1], r0, offs_n, K, BLOCK_N)
@@ -123,17 +118,6 @@ def _stage(scratch_ptr, stage_ptr, s0, s1, s2, ra, r0, r1, r2, offs_n, PAIRS: tl
     if K == 3:
         tl.store(stage_ptr + 2 * BLOCK_N * BLOCK_N + tile, s2)
         small.store_inverse_norms(scratch_ptr, PAIRS[2][1], r2, offs_n, K, BLOCK_N)
-
-
-@triton.jit
-def _lse(s_masked, valid, axis: tl.constexpr):
-    """The log-sum-exp of every valid row (axis 1) or column (axis 0), 0 elsewhere (no -inf - -inf)."""
-    top = tl.where(valid, tl.max(s_masked, axis=axis), 0.0)
-    if axis == 1:
-        total = tl.sum(tl.exp(s_masked - top[:, None]), axis=1)
-    else:
-        total = tl.sum(tl.exp(s_masked - top[None, :]), axis=0)
-    return tl.where(valid, top + tl.log(tl.maximum(total, 1.0)), 0.0)  # the sum is >= 1 where valid
 
 
 @triton.jit

@@ -73,13 +73,8 @@ def _pair(zs, stride_zn, stride_zd, scale, weight, eps, mask_ptr, stride_maskm, 
     both = valid[:, None] & valid[None, :]
     n = tl.sum(valid.to(tl.float32))
     s_masked = tl.where(both, s, float("-inf"))
-    # log-sum-exp of every valid row and column (0 elsewhere, so that no -inf - -inf appears)
-    row_max = tl.where(valid, tl.max(s_masked, axis=1), 0.0)
-    lse_row = tl.where(valid, row_max + tl.log(tl.maximum(tl.sum(tl.exp(s_masked - row_max[:, None]), axis=1), 1.0)),
-                       0.0)  # the sum is >= 1 at a valid row
-    col_max = tl.where(valid, tl.max(s_masked, axis=0), 0.0)
-    lse_col = tl.where(valid, col_max + tl.log(tl.maximum(tl.sum(tl.exp(s_masked - col_max[None, :]), axis=0), 1.0)),
-                       0.0)
+    lse_row = small.masked_lse(s_masked, valid, 1)
+    lse_col = small.masked_lse(s_masked, valid, 0)
     # T + T': (1 - eps) uniform over each row's (column's) positives, eps uniform over the valid samples
     same = tl.where(both & (keys[:, None] == keys[None, :]), 1.0, 0.0)
     per_row = tl.maximum(tl.sum(same, axis=1), 1.0)  # = per column: the positives' relation is symmetric

@@ -148,6 +148,24 @@ def sample_keys(ids_ptr, stride_idsn, offs_n, N, HAS_IDS: tl.constexpr):
 
 
 @triton.jit
+def tile_offsets(offs_n, BLOCK_N: tl.constexpr):
+    """Element offsets of a row-major BLOCK_N x BLOCK_N tile."""
+    return offs_n[:, None] * BLOCK_N + offs_n[None, :]
+
+
+@triton.jit
+def masked_lse(s_masked, valid, axis: tl.constexpr):
+    """The log-sum-exp of every valid row (axis 1) or column (axis 0) of logits masked to -inf, 0 elsewhere (so
+    that no -inf - -inf appears)."""
+    top = tl.where(valid, tl.max(s_masked, axis=axis), 0.0)
+    if axis == 1:
+        total = tl.sum(tl.exp(s_masked - top[:, None]), axis=1)
+    else:
+        total = tl.sum(tl.exp(s_masked - top[None, :]), axis=0)
+    return tl.where(valid, top + tl.log(tl.maximum(total, 1.0)), 0.0)  # the sum is >= 1 where valid
+
+
+@triton.jit
 def hit_rate(s_masked, same, offs_n, valid, axis: tl.constexpr, BLOCK_N: tl.constexpr):
     """The share of valid rows (axis 1) or columns (axis 0) whose first argmax is a positive."""
     best = tl.max(s_masked, axis=axis)
@@ -182,7 +200,7 @@ def store_pair_grad(scratch_ptr, k: tl.constexpr, g, s, scale, coef, rp, rq, p: 
 @triton.jit
 def store_grad_tile(scratch_ptr, k: tl.constexpr, g_over_t, offs_n, BLOCK_N: tl.constexpr):
     """Pair k's G / t_k (BLOCK_N x BLOCK_N) into the scratch."""
-    tl.store(scratch_ptr + k * BLOCK_N * BLOCK_N + offs_n[:, None] * BLOCK_N + offs_n[None, :], g_over_t)
+    tl.store(scratch_ptr + k * BLOCK_N * BLOCK_N + tile_offsets(offs_n, BLOCK_N), g_over_t)
 
 
 @triton.jit
@@ -273,10 +291,9 @@ def _dx_term(dx, zs, stride_zn, stride_zd, scratch_ptr, total, offs_n, dd, N, D,
     """dx + (c_k / total) G_k / t_k (its transpose for the pair's second side) times modality o's unit vectors."""
     r_base = scratch_ptr + NUM_P * BLOCK_N * BLOCK_N
     c_base = r_base + NUM_M * BLOCK_N
-    tile = offs_n[:, None] * BLOCK_N + offs_n[None, :]
     rows = offs_n.to(tl.int64)[:, None]
     inside = (offs_n[:, None] < N) & (dd[None, :] < D)
-    g = tl.load(scratch_ptr + k * BLOCK_N * BLOCK_N + tile) * (tl.load(c_base + k) / total)
+    g = tl.load(scratch_ptr + k * BLOCK_N * BLOCK_N + tile_offsets(offs_n, BLOCK_N)) * (tl.load(c_base + k) / total)
     other = tl.load(zs[o] + rows * stride_zn[o] + dd[None, :] * stride_zd[o], mask=inside, other=0.0)
     y = other.to(tl.float32) * tl.load(r_base + o * BLOCK_N + offs_n)[:, None]
     if TRANSPOSED:
